@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from glakeserve import vtensor
+
+
+def gpu_available() -> bool:
+    return torch.cuda.is_available() and vtensor.cuda_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and libcuda (run on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# The allocator's semantic tests run on both backends: host everywhere, cuda where a GPU is.
+BACKENDS = ["host", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+def small_page_size(backend: str) -> int | None:
+    """Host tests use 4 KiB pages to stay fast; cuda must use the driver's granularity."""
+    return 4096 if backend == "host" else None
+
+
+@pytest.fixture
+def pool(backend):
+    p = vtensor.PagePool(16, page_size=small_page_size(backend), backend=backend)
+    yield p
+    p.close()

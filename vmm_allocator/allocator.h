@@ -1,0 +1,170 @@
+// The allocator: a pool of physical pages created up front, vTensors (reserved virtual ranges) and
+// the page tables between them, plus a worker thread that executes queued map/unmap jobs.
+// Mechanism only: callers (glakeserve/kv_cache.py) decide which pages go where.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "backend.h"
+
+namespace glake {
+
+// [first, first + count) virtual pages of one vTensor.
+struct PageRange {
+  int64_t vtensor;
+  int64_t first;
+  int64_t count;
+};
+
+// Map src's pages [src_first, src_first + count) again at dst's pages [dst_first, ...).
+struct AliasRange {
+  int64_t dst;
+  int64_t dst_first;
+  int64_t src;
+  int64_t src_first;
+  int64_t count;
+};
+
+// A reserved virtual range. Shared with every tensor view over it, so the address space stays
+// reserved until the last view is gone even when the vTensor was released earlier.
+struct Reservation {
+  std::shared_ptr<Backend> backend;
+  uintptr_t va;
+  size_t bytes;
+  ~Reservation();
+};
+
+struct PoolStats {
+  std::string backend;
+  int device = 0;
+  size_t page_size = 0;
+  int64_t total_pages = 0;    // physical pages that exist now
+  int64_t free_pages = 0;     // ... of which no vTensor maps
+  int64_t used_pages = 0;     // ... of which at least one vTensor maps
+  int64_t shared_pages = 0;   // ... of which two or more mappings share (aliases)
+  int64_t mappings = 0;       // virtual pages backed, all vTensors together (counts aliases twice)
+  int64_t num_vtensors = 0;
+  size_t reserved_bytes = 0;  // virtual space reserved by live vTensors
+  int64_t pages_mapped = 0;   // running counters since start-up
+  int64_t pages_unmapped = 0;
+  int64_t pages_aliased = 0;
+  int64_t set_access_calls = 0;
+  int64_t pages_created = 0;
+  int64_t pages_released = 0;
+  int64_t async_jobs = 0;
+  int64_t async_pages = 0;
+  int64_t waits = 0;          // times a caller had to block on the worker
+  double wait_seconds = 0.0;
+  double map_seconds = 0.0;   // time inside the backend's map / set-access / unmap calls
+  double set_access_seconds = 0.0;
+  double unmap_seconds = 0.0;
+};
+
+struct VTensorInfo {
+  int64_t id = 0;
+  uintptr_t address = 0;
+  size_t reserved_bytes = 0;
+  int64_t num_pages = 0;
+  std::vector<int64_t> mapped_pages;    // virtual page indices, ascending
+  std::vector<int64_t> physical_pages;  // the pool page behind each of them
+  int64_t shared_pages = 0;             // mapped pages that another mapping shares
+  int64_t pending_jobs = 0;
+};
+
+enum class JobKind { kMap, kUnmap };
+
+// One queued job; Python holds it as a MapFuture.
+struct Job {
+  JobKind kind;
+  std::vector<PageRange> ranges;
+  int64_t pages = 0;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  std::exception_ptr error;
+};
+
+class Allocator {
+ public:
+  // backend: "auto" (cuda when a GPU is present, else host), "cuda" or "host". page_size 0 means
+  // the default (the driver's granularity on cuda, 2 MiB on host).
+  Allocator(const std::string& backend, int device, size_t page_size, int64_t num_pages);
+  ~Allocator();
+  void close();
+  bool closed() const { return closed_; }
+
+  const std::string& backend_name() const { return backend_name_; }
+  int dlpack_device_type() const;
+  int device_id() const;
+  size_t page_size() const { return page_size_; }
+  MemoryInfo memory_info();
+
+  int64_t reserve(size_t bytes);
+  void release(int64_t vtensor);
+  void map(const std::vector<PageRange>& ranges);
+  void unmap(const std::vector<PageRange>& ranges);
+  void alias(const std::vector<AliasRange>& ranges);
+  std::shared_ptr<Job> submit(JobKind kind, std::vector<PageRange> ranges);
+  void wait(const std::shared_ptr<Job>& job);
+
+  int64_t grow(int64_t pages);
+  int64_t shrink(int64_t pages);
+
+  PoolStats stats();
+  VTensorInfo info(int64_t vtensor);
+  std::vector<int64_t> vtensor_ids();
+  std::vector<std::optional<int32_t>> page_refcounts();  // None for pages that do not exist now
+  std::shared_ptr<Reservation> reservation(int64_t vtensor);
+
+ private:
+  struct VTensor {
+    std::shared_ptr<Reservation> reservation;
+    std::vector<int64_t> pages;  // pool page per virtual page; kNoPage where unmapped
+    int64_t pending = 0;         // queued worker jobs that touch this vTensor
+  };
+  static constexpr int64_t kNoPage = -1;
+
+  VTensor& find(int64_t id);
+  void check_range(int64_t id, const VTensor& vt, int64_t first, int64_t count) const;
+  void wait_idle(std::unique_lock<std::mutex>& lock, const std::vector<int64_t>& ids);
+  void do_map(const std::vector<PageRange>& ranges);
+  void do_unmap(const std::vector<PageRange>& ranges);
+  void grant_access(std::vector<std::pair<uintptr_t, size_t>> spans);
+  int64_t take_free_page();
+  void drop_reference(int64_t page);
+  void worker_loop();
+  std::string describe_pool() const;
+
+  std::shared_ptr<Backend> backend_;
+  std::string backend_name_;
+  size_t page_size_ = 0;
+  bool closed_ = false;
+
+  std::mutex mu_;                      // guards everything below
+  std::condition_variable idle_cv_;    // a vTensor's pending count dropped
+  std::map<int64_t, VTensor> vtensors_;
+  int64_t next_id_ = 1;
+  std::vector<int32_t> refcount_;      // mappings per pool page
+  std::vector<bool> present_;          // physical page exists
+  std::set<int64_t> free_;             // present pages with refcount 0
+  PoolStats counters_;
+
+  std::mutex queue_mu_;
+  std::condition_variable queue_cv_;
+  std::deque<std::shared_ptr<Job>> queue_;
+  bool stopping_ = false;
+  std::thread worker_;
+};
+
+}  // namespace glake
