@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (see shared/design/GPU.md): build the extension in place, run the GPU
+# tests, run the benchmarks, and leave logs and JSON under $OUT. Stages: vmm (default), all others
+# are added as the GPU path grows. Usage: scripts/gpu_suite.sh [stage ...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+PY=${PY:-python3}
+stages=${*:-vmm}
+status=0
+
+run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures, keep going
+  local name=$1; shift
+  echo "=== $name: $*"
+  "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+run build $PY setup.py build_ext --inplace -q
+
+for stage in $stages; do
+  case $stage in
+    vmm)
+      run test_vmm $PY -m pytest -q -p no:cacheprovider tests/test_vtensor.py tests/test_vtensor_errors.py \
+        tests/test_async_mapper.py tests/test_vtensor_model.py
+      run bench_vmm $PY benchmarks/vmm_ops.py --json "$OUT/vmm_ops.json"
+      ;;
+    *) echo "unknown stage $stage"; status=1 ;;
+  esac
+done
+echo "=== suite exit $status"
+exit $status
