@@ -52,6 +52,30 @@ def map_costs(pool: PagePool, pages: int) -> dict:
     return out
 
 
+def page_size_sweep(backend: str, nbytes: int, sizes_mib: list[int]) -> dict:
+    """Batched map + one set-access of the whole range, and batched unmap, for several page sizes:
+    the driver's set-access cost grows with the number of physical allocations it covers."""
+    out = {}
+    for mib in sizes_mib:
+        page_size = mib << 20
+        pages = nbytes // page_size
+        with PagePool(pages, page_size=page_size, backend=backend) as pool:
+            vt = pool.reserve(nbytes)
+            vt.map(0, pages)  # warm-up
+            vt.unmap(0, pages)
+            s0 = pool.stats()
+            wall_map = timed(lambda: vt.map(0, pages))
+            s1 = pool.stats()
+            wall_unmap = timed(lambda: vt.unmap(0, pages))
+            out[f"sweep_{mib}MiB"] = {
+                "pages": pages,
+                "map_us_total": 1e6 * wall_map,
+                "set_access_us_total": 1e6 * (s1.set_access_seconds - s0.set_access_seconds),
+                "unmap_us_total": 1e6 * wall_unmap,
+            }
+    return out
+
+
 def async_throughput(pool: PagePool, pages: int, pages_per_job: int) -> dict:
     vts = [pool.reserve(pages_per_job * pool.page_size) for _ in range(pages // pages_per_job)]
     t0 = time.perf_counter()
@@ -118,6 +142,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--gib", type=float, default=1.0, help="size of the mapped range and of each copy buffer")
+    ap.add_argument("--page-sizes", default="2,8,32", help="MiB page sizes for the set-access sweep")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
 
@@ -133,6 +158,8 @@ def main() -> None:
         result.update(map_costs(pool, pages))
         result.update(async_throughput(pool, pages, pages_per_job=8))
         result.update(copy_bandwidth(pool, nbytes, iters=20 if device.type == "cuda" else 3))
+    sizes = [m for m in map(int, args.page_sizes.split(",")) if (m << 20) % page_size == 0]
+    result.update(page_size_sweep(args.backend, nbytes, sizes))
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -29,7 +29,7 @@ for stage in $stages; do
     vmm)
       run test_vmm $PY -m pytest -q -p no:cacheprovider tests/test_vtensor.py tests/test_vtensor_errors.py \
         tests/test_async_mapper.py tests/test_vtensor_model.py
-      run bench_vmm $PY benchmarks/vmm_ops.py --json "$OUT/vmm_ops.json"
+      run bench_vmm $PY benchmarks/vmm_ops.py --page-sizes 2,8,32,1024 --json "$OUT/vmm_ops.json"
       ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac

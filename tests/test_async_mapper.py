@@ -112,3 +112,20 @@ def test_async_mapped_pages_hold_data(backend):
         x = torch.randn(4 * pool.page_size // 4, device=pool.device)
         vt.view(torch.float32, x.shape).copy_(x)
         assert torch.equal(vt.view(torch.float32, x.shape), x)
+
+
+def test_the_worker_never_blocks_other_vtensors_or_stats():
+    """The worker makes its driver calls outside the allocator's lock: while it maps a big job,
+    a synchronous map of another vTensor, a submit and stats() all complete before it does."""
+    with PagePool(16384 + 8, page_size=4096, backend="host") as pool:
+        big_vt = pool.reserve(16384 * 4096)
+        other = pool.reserve(8 * 4096)
+        big = pool.map_async([(big_vt, p, 1) for p in range(0, 16384, 2)])  # ~8,000 mmap calls
+        other.map(0, 2)
+        small = pool.map_async([(other, 2, 1)])  # queued behind the big job
+        pool.stats()
+        assert not big.done()
+        assert other.mapped_pages() == [0, 1]
+        small.wait()
+        assert big.done()  # one worker, jobs in order
+        pool.check_integrity()

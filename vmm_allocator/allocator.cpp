@@ -70,6 +70,24 @@ Allocator::Allocator(const std::string& backend, int device, size_t page_size, i
 
 Allocator::~Allocator() { close(); }
 
+// Marks vTensors busy for one operation; clears the marks on scope exit. The lock must be held
+// whenever a BusyGuard is destroyed (the run_* functions re-lock before leaving on every path).
+class Allocator::BusyGuard {
+ public:
+  BusyGuard(Allocator* allocator, std::vector<int64_t> ids) : allocator_(allocator), ids_(std::move(ids)) {}
+  ~BusyGuard() {
+    for (int64_t id : ids_) {
+      auto it = allocator_->vtensors_.find(id);
+      if (it != allocator_->vtensors_.end()) it->second.busy = false;
+    }
+    allocator_->idle_cv_.notify_all();
+  }
+
+ private:
+  Allocator* allocator_;
+  std::vector<int64_t> ids_;
+};
+
 void Allocator::close() {
   {
     std::lock_guard<std::mutex> lock(queue_mu_);
@@ -78,7 +96,13 @@ void Allocator::close() {
   }
   queue_cv_.notify_all();
   if (worker_.joinable()) worker_.join();  // the worker drains its queue first
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
+  idle_cv_.wait(lock, [&] {
+    for (const auto& [id, vt] : vtensors_) {
+      if (vt.busy) return false;
+    }
+    return true;
+  });
   try {
     backend_->bind_thread();
   } catch (...) {
@@ -110,8 +134,12 @@ int Allocator::dlpack_device_type() const { return backend_->dlpack_device_type(
 int Allocator::device_id() const { return backend_->device_id(); }
 MemoryInfo Allocator::memory_info() { return backend_->memory_info(); }
 
-Allocator::VTensor& Allocator::find(int64_t id) {
+void Allocator::check_open() const {
   if (closed_) throw VmmError("the page pool is closed; create a new one");
+}
+
+Allocator::VTensor& Allocator::find(int64_t id) {
+  check_open();
   auto it = vtensors_.find(id);
   if (it == vtensors_.end()) {
     throw OutOfRangeError("vTensor " + std::to_string(id) + " does not exist (released, or never reserved)");
@@ -134,25 +162,33 @@ std::string Allocator::describe_pool() const {
          " pages free (" + format_bytes(page_size_) + " each)";
 }
 
-void Allocator::wait_idle(std::unique_lock<std::mutex>& lock, const std::vector<int64_t>& ids) {
-  auto busy = [&] {
+// Waits until no other operation is inside its driver calls on these vTensors -- and, for callers
+// other than the worker, until their queued jobs ran (so calls on one vTensor keep their order) --
+// then marks them busy. Unknown vTensors throw once the wait is over.
+void Allocator::claim(std::unique_lock<std::mutex>& lock, const std::vector<int64_t>& ids, bool from_worker) {
+  auto blocked = [&] {
     for (int64_t id : ids) {
       auto it = vtensors_.find(id);
-      if (it != vtensors_.end() && it->second.pending > 0) return true;
+      if (it != vtensors_.end() && (it->second.busy || (!from_worker && it->second.pending > 0))) return true;
     }
     return false;
   };
-  if (!busy()) return;
-  auto start = std::chrono::steady_clock::now();
-  idle_cv_.wait(lock, [&] { return !busy(); });
-  counters_.waits += 1;
-  counters_.wait_seconds += seconds_since(start);
+  if (blocked()) {
+    auto start = std::chrono::steady_clock::now();
+    idle_cv_.wait(lock, [&] { return !blocked(); });
+    if (!from_worker) {
+      counters_.waits += 1;
+      counters_.wait_seconds += seconds_since(start);
+    }
+  }
+  for (int64_t id : ids) find(id);
+  for (int64_t id : ids) vtensors_.at(id).busy = true;
 }
 
 int64_t Allocator::reserve(size_t bytes) {
   if (bytes == 0) throw std::invalid_argument("cannot reserve a vTensor of 0 bytes");
   std::lock_guard<std::mutex> lock(mu_);
-  if (closed_) throw VmmError("the page pool is closed; create a new one");
+  check_open();
   size_t num_pages = (bytes + page_size_ - 1) / page_size_;
   size_t rounded = num_pages * page_size_;
   backend_->bind_thread();
@@ -161,36 +197,31 @@ int64_t Allocator::reserve(size_t bytes) {
   reservation->bytes = rounded;
   reservation->va = backend_->reserve(rounded);
   int64_t id = next_id_++;
-  vtensors_[id] = VTensor{reservation, std::vector<int64_t>(num_pages, kNoPage), 0};
+  vtensors_[id] = VTensor{reservation, std::vector<int64_t>(num_pages, kNoPage), 0, false};
   return id;
 }
 
 void Allocator::release(int64_t id) {
   std::unique_lock<std::mutex> lock(mu_);
-  wait_idle(lock, {id});
-  VTensor& vt = find(id);
-  std::vector<PageRange> mapped;
+  claim(lock, {id}, false);  // waits for the vTensor's queued jobs
+  BusyGuard guard(this, {id});
+  VTensor& vt = vtensors_.at(id);
+  std::vector<Step> steps;
   for (int64_t p = 0; p < static_cast<int64_t>(vt.pages.size()); ++p) {
-    if (vt.pages[p] != kNoPage) mapped.push_back({id, p, 1});
+    if (vt.pages[p] != kNoPage) steps.push_back({id, p, vt.pages[p], vt.reservation->va + static_cast<size_t>(p) * page_size_});
   }
-  do_unmap(mapped);
+  unmap_steps(lock, steps);
   vtensors_.erase(id);
 }
 
 void Allocator::map(const std::vector<PageRange>& ranges) {
   std::unique_lock<std::mutex> lock(mu_);
-  std::vector<int64_t> ids;
-  for (const auto& r : ranges) ids.push_back(r.vtensor);
-  wait_idle(lock, ids);
-  do_map(ranges);
+  run_map(lock, ranges, false);
 }
 
 void Allocator::unmap(const std::vector<PageRange>& ranges) {
   std::unique_lock<std::mutex> lock(mu_);
-  std::vector<int64_t> ids;
-  for (const auto& r : ranges) ids.push_back(r.vtensor);
-  wait_idle(lock, ids);
-  do_unmap(ranges);
+  run_unmap(lock, ranges, false);
 }
 
 int64_t Allocator::take_free_page() {
@@ -203,9 +234,9 @@ void Allocator::drop_reference(int64_t page) {
   if (--refcount_[page] == 0) free_.insert(page);
 }
 
-// Grants access once per maximal run of adjacent virtual addresses: set-access is the expensive
-// driver call (tens of microseconds a call on CUDA, whatever the length), so merging pays.
-void Allocator::grant_access(std::vector<std::pair<uintptr_t, size_t>> spans) {
+// Grants access once per maximal run of adjacent virtual addresses, so a batch pays one driver
+// call per run rather than one per page. Called without the lock.
+void Allocator::grant_access(std::vector<std::pair<uintptr_t, size_t>> spans, double* seconds, int64_t* calls) {
   std::sort(spans.begin(), spans.end());
   size_t i = 0;
   while (i < spans.size()) {
@@ -215,14 +246,18 @@ void Allocator::grant_access(std::vector<std::pair<uintptr_t, size_t>> spans) {
     while (j < spans.size() && spans[j].first == end) end += spans[j++].second;
     auto t0 = std::chrono::steady_clock::now();
     backend_->set_access(start, end - start);
-    counters_.set_access_seconds += seconds_since(t0);
-    counters_.set_access_calls += 1;
+    *seconds += seconds_since(t0);
+    *calls += 1;
     i = j;
   }
 }
 
-void Allocator::do_map(const std::vector<PageRange>& ranges) {
-  // Validate the whole batch before touching anything, so a bad batch changes nothing.
+void Allocator::run_map(std::unique_lock<std::mutex>& lock, const std::vector<PageRange>& ranges, bool from_worker) {
+  std::vector<int64_t> ids;
+  for (const auto& r : ranges) ids.push_back(r.vtensor);
+  claim(lock, ids, from_worker);
+  BusyGuard guard(this, ids);
+  // 1. Validate the whole batch before touching anything, so a bad batch changes nothing.
   std::set<std::pair<int64_t, int64_t>> seen;
   size_t needed = 0;
   for (const auto& r : ranges) {
@@ -245,47 +280,69 @@ void Allocator::do_map(const std::vector<PageRange>& ranges) {
     throw PoolExhaustedError("page pool exhausted: mapping needs " + std::to_string(needed) + " pages but " +
                              describe_pool() + ". Unmap or release vTensors, or create a larger pool.");
   }
-  backend_->bind_thread();
-  std::vector<std::pair<int64_t, int64_t>> done;  // (vtensor, virtual page), for rollback
-  std::vector<std::pair<uintptr_t, size_t>> spans;
-  try {
-    for (const auto& r : ranges) {
-      VTensor& vt = vtensors_.at(r.vtensor);
-      for (int64_t p = r.first; p < r.first + r.count; ++p) {
-        int64_t page = take_free_page();
-        uintptr_t va = vt.reservation->va + static_cast<size_t>(p) * page_size_;
-        auto t0 = std::chrono::steady_clock::now();
-        try {
-          backend_->map_page(va, page);
-        } catch (...) {
-          free_.insert(page);
-          throw;
-        }
-        counters_.map_seconds += seconds_since(t0);
-        vt.pages[p] = page;
-        refcount_[page] = 1;
-        done.push_back({r.vtensor, p});
-        spans.push_back({va, page_size_});
-      }
+  std::vector<Step> steps;
+  for (const auto& r : ranges) {
+    VTensor& vt = vtensors_.at(r.vtensor);
+    for (int64_t p = r.first; p < r.first + r.count; ++p) {
+      int64_t page = take_free_page();
+      vt.pages[p] = page;
+      refcount_[page] = 1;
+      steps.push_back({r.vtensor, p, page, vt.reservation->va + static_cast<size_t>(p) * page_size_});
     }
-    grant_access(spans);
-  } catch (...) {
-    for (auto [id, p] : done) {
-      VTensor& vt = vtensors_.at(id);
-      try {
-        backend_->unmap_page(vt.reservation->va + static_cast<size_t>(p) * page_size_);
-      } catch (...) {
-      }
-      drop_reference(vt.pages[p]);
-      vt.pages[p] = kNoPage;
-    }
-    throw;
   }
-  counters_.pages_mapped += static_cast<int64_t>(done.size());
+  map_steps(lock, steps, &counters_.pages_mapped);
 }
 
-void Allocator::do_unmap(const std::vector<PageRange>& ranges) {
+// Driver calls for steps whose books are already written: map each page and grant access, without
+// the lock; then, locked again, count them into *committed, or undo the books and rethrow.
+void Allocator::map_steps(std::unique_lock<std::mutex>& lock, const std::vector<Step>& steps, int64_t* committed) {
+  lock.unlock();
+  double map_seconds = 0, access_seconds = 0;
+  int64_t access_calls = 0;
+  size_t mapped = 0;
+  std::exception_ptr error;
+  try {
+    backend_->bind_thread();
+    std::vector<std::pair<uintptr_t, size_t>> spans;
+    for (const Step& s : steps) {
+      auto t0 = std::chrono::steady_clock::now();
+      backend_->map_page(s.va, s.pool_page);
+      map_seconds += seconds_since(t0);
+      ++mapped;
+      spans.push_back({s.va, page_size_});
+    }
+    grant_access(std::move(spans), &access_seconds, &access_calls);
+  } catch (...) {
+    error = std::current_exception();
+    for (size_t i = 0; i < mapped; ++i) {
+      try {
+        backend_->unmap_page(steps[i].va);
+      } catch (...) {
+      }
+    }
+  }
+  lock.lock();
+  counters_.map_seconds += map_seconds;
+  counters_.set_access_seconds += access_seconds;
+  counters_.set_access_calls += access_calls;
+  if (error) {
+    for (const Step& s : steps) {
+      vtensors_.at(s.vtensor).pages[s.page_index] = kNoPage;
+      drop_reference(s.pool_page);
+    }
+    std::rethrow_exception(error);
+  }
+  *committed += static_cast<int64_t>(steps.size());
+}
+
+void Allocator::run_unmap(std::unique_lock<std::mutex>& lock, const std::vector<PageRange>& ranges,
+                          bool from_worker) {
+  std::vector<int64_t> ids;
+  for (const auto& r : ranges) ids.push_back(r.vtensor);
+  claim(lock, ids, from_worker);
+  BusyGuard guard(this, ids);
   std::set<std::pair<int64_t, int64_t>> seen;
+  std::vector<Step> steps;
   for (const auto& r : ranges) {
     VTensor& vt = find(r.vtensor);
     check_range(r.vtensor, vt, r.first, r.count);
@@ -298,20 +355,38 @@ void Allocator::do_unmap(const std::vector<PageRange>& ranges) {
         throw NotMappedError("page " + std::to_string(p) + " of vTensor " + std::to_string(r.vtensor) +
                              " appears twice in one unmap batch");
       }
+      steps.push_back({r.vtensor, p, vt.pages[p], vt.reservation->va + static_cast<size_t>(p) * page_size_});
     }
   }
-  backend_->bind_thread();
-  for (const auto& r : ranges) {
-    VTensor& vt = vtensors_.at(r.vtensor);
-    for (int64_t p = r.first; p < r.first + r.count; ++p) {
+  unmap_steps(lock, steps);
+}
+
+// Unmaps each step's page without the lock; locked again, drops the references of those that were
+// unmapped (they stay unmapped even when a later one fails) and rethrows the first error.
+void Allocator::unmap_steps(std::unique_lock<std::mutex>& lock, const std::vector<Step>& steps) {
+  lock.unlock();
+  double seconds = 0;
+  size_t unmapped = 0;
+  std::exception_ptr error;
+  try {
+    backend_->bind_thread();
+    for (const Step& s : steps) {
       auto t0 = std::chrono::steady_clock::now();
-      backend_->unmap_page(vt.reservation->va + static_cast<size_t>(p) * page_size_);
-      counters_.unmap_seconds += seconds_since(t0);
-      drop_reference(vt.pages[p]);
-      vt.pages[p] = kNoPage;
-      counters_.pages_unmapped += 1;
+      backend_->unmap_page(s.va);
+      seconds += seconds_since(t0);
+      ++unmapped;
     }
+  } catch (...) {
+    error = std::current_exception();
   }
+  lock.lock();
+  counters_.unmap_seconds += seconds;
+  for (size_t i = 0; i < unmapped; ++i) {
+    vtensors_.at(steps[i].vtensor).pages[steps[i].page_index] = kNoPage;
+    drop_reference(steps[i].pool_page);
+  }
+  counters_.pages_unmapped += static_cast<int64_t>(unmapped);
+  if (error) std::rethrow_exception(error);
 }
 
 void Allocator::alias(const std::vector<AliasRange>& ranges) {
@@ -319,9 +394,10 @@ void Allocator::alias(const std::vector<AliasRange>& ranges) {
   std::vector<int64_t> ids;
   for (const auto& r : ranges) {
     ids.push_back(r.dst);
-    ids.push_back(r.src);
+    if (r.src != r.dst) ids.push_back(r.src);
   }
-  wait_idle(lock, ids);
+  claim(lock, ids, false);
+  BusyGuard guard(this, ids);
   std::set<std::pair<int64_t, int64_t>> seen;
   for (const auto& r : ranges) {
     VTensor& src = find(r.src);
@@ -345,40 +421,19 @@ void Allocator::alias(const std::vector<AliasRange>& ranges) {
       }
     }
   }
-  backend_->bind_thread();
-  std::vector<std::pair<int64_t, int64_t>> done;
-  std::vector<std::pair<uintptr_t, size_t>> spans;
-  try {
-    for (const auto& r : ranges) {
-      VTensor& src = vtensors_.at(r.src);
-      VTensor& dst = vtensors_.at(r.dst);
-      for (int64_t i = 0; i < r.count; ++i) {
-        int64_t page = src.pages[r.src_first + i];
-        int64_t d = r.dst_first + i;
-        uintptr_t va = dst.reservation->va + static_cast<size_t>(d) * page_size_;
-        auto t0 = std::chrono::steady_clock::now();
-        backend_->map_page(va, page);
-        counters_.map_seconds += seconds_since(t0);
-        dst.pages[d] = page;
-        refcount_[page] += 1;
-        done.push_back({r.dst, d});
-        spans.push_back({va, page_size_});
-      }
+  std::vector<Step> steps;
+  for (const auto& r : ranges) {
+    VTensor& src = vtensors_.at(r.src);
+    VTensor& dst = vtensors_.at(r.dst);
+    for (int64_t i = 0; i < r.count; ++i) {
+      int64_t page = src.pages[r.src_first + i];
+      int64_t d = r.dst_first + i;
+      dst.pages[d] = page;
+      refcount_[page] += 1;
+      steps.push_back({r.dst, d, page, dst.reservation->va + static_cast<size_t>(d) * page_size_});
     }
-    grant_access(spans);
-  } catch (...) {
-    for (auto [id, p] : done) {
-      VTensor& vt = vtensors_.at(id);
-      try {
-        backend_->unmap_page(vt.reservation->va + static_cast<size_t>(p) * page_size_);
-      } catch (...) {
-      }
-      drop_reference(vt.pages[p]);
-      vt.pages[p] = kNoPage;
-    }
-    throw;
   }
-  counters_.pages_aliased += static_cast<int64_t>(done.size());
+  map_steps(lock, steps, &counters_.pages_aliased);
 }
 
 std::shared_ptr<Job> Allocator::submit(JobKind kind, std::vector<PageRange> ranges) {
@@ -424,17 +479,17 @@ void Allocator::worker_loop() {
       queue_.pop_front();
     }
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      std::unique_lock<std::mutex> lock(mu_);
       try {
         if (job->kind == JobKind::kMap) {
-          do_map(job->ranges);
+          run_map(lock, job->ranges, true);
         } else {
-          do_unmap(job->ranges);
+          run_unmap(lock, job->ranges, true);
         }
       } catch (...) {
         job->error = std::current_exception();
       }
-      for (const auto& r : job->ranges) {
+      for (const auto& r : job->ranges) {  // run_* return and throw with the lock held
         auto it = vtensors_.find(r.vtensor);
         if (it != vtensors_.end()) it->second.pending -= 1;
       }
@@ -453,7 +508,7 @@ void Allocator::worker_loop() {
 int64_t Allocator::grow(int64_t pages) {
   if (pages < 0) throw std::invalid_argument("cannot grow the pool by a negative number of pages");
   std::lock_guard<std::mutex> lock(mu_);
-  if (closed_) throw VmmError("the page pool is closed; create a new one");
+  check_open();
   backend_->bind_thread();
   backend_->check_capacity(static_cast<size_t>(pages) * page_size_);
   std::vector<int64_t> created;
@@ -491,7 +546,7 @@ int64_t Allocator::grow(int64_t pages) {
 int64_t Allocator::shrink(int64_t pages) {
   if (pages < 0) throw std::invalid_argument("cannot shrink the pool by a negative number of pages");
   std::lock_guard<std::mutex> lock(mu_);
-  if (closed_) throw VmmError("the page pool is closed; create a new one");
+  check_open();
   backend_->bind_thread();
   int64_t released = 0;
   while (released < pages && !free_.empty()) {  // highest ids first keeps the pool dense

@@ -132,15 +132,31 @@ class Allocator {
     std::shared_ptr<Reservation> reservation;
     std::vector<int64_t> pages;  // pool page per virtual page; kNoPage where unmapped
     int64_t pending = 0;         // queued worker jobs that touch this vTensor
+    bool busy = false;           // an operation is in its driver calls (outside the lock)
   };
   static constexpr int64_t kNoPage = -1;
+  class BusyGuard;
+  // One page of an operation: where it goes and which pool page is behind it.
+  struct Step {
+    int64_t vtensor;
+    int64_t page_index;
+    int64_t pool_page;
+    uintptr_t va;
+  };
+
+  // Every operation runs in three steps: under the lock, claim its vTensors and update the books;
+  // without the lock, make the driver calls; under the lock again, commit or roll back. So the
+  // worker's driver calls never block a caller that submits, maps another vTensor, or reads stats.
+  void claim(std::unique_lock<std::mutex>& lock, const std::vector<int64_t>& ids, bool from_worker);
+  void run_map(std::unique_lock<std::mutex>& lock, const std::vector<PageRange>& ranges, bool from_worker);
+  void run_unmap(std::unique_lock<std::mutex>& lock, const std::vector<PageRange>& ranges, bool from_worker);
+  void map_steps(std::unique_lock<std::mutex>& lock, const std::vector<Step>& steps, int64_t* committed);
+  void unmap_steps(std::unique_lock<std::mutex>& lock, const std::vector<Step>& steps);
 
   VTensor& find(int64_t id);
+  void check_open() const;
   void check_range(int64_t id, const VTensor& vt, int64_t first, int64_t count) const;
-  void wait_idle(std::unique_lock<std::mutex>& lock, const std::vector<int64_t>& ids);
-  void do_map(const std::vector<PageRange>& ranges);
-  void do_unmap(const std::vector<PageRange>& ranges);
-  void grant_access(std::vector<std::pair<uintptr_t, size_t>> spans);
+  void grant_access(std::vector<std::pair<uintptr_t, size_t>> spans, double* seconds, int64_t* calls);
   int64_t take_free_page();
   void drop_reference(int64_t page);
   void worker_loop();
@@ -152,7 +168,7 @@ class Allocator {
   bool closed_ = false;
 
   std::mutex mu_;                      // guards everything below
-  std::condition_variable idle_cv_;    // a vTensor's pending count dropped
+  std::condition_variable idle_cv_;    // a vTensor's pending count dropped or its busy mark cleared
   std::map<int64_t, VTensor> vtensors_;
   int64_t next_id_ = 1;
   std::vector<int32_t> refcount_;      // mappings per pool page

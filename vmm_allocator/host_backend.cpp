@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 
@@ -62,14 +63,17 @@ class HostBackend final : public Backend {
   size_t granularity() const override { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 
   MemoryInfo memory_info() override {
+    // MemAvailable from /proc/meminfo (lines are "Key:   value kB", some without a unit); the
+    // sysconf figures where it is missing.
     MemoryInfo info;
+    size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    info.total_bytes = static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) * page;
+    info.free_bytes = static_cast<size_t>(sysconf(_SC_AVPHYS_PAGES)) * page;
     std::ifstream meminfo("/proc/meminfo");
-    std::string key;
-    size_t kib = 0;
-    std::string unit;
-    while (meminfo >> key >> kib >> unit) {
-      if (key == "MemTotal:") info.total_bytes = kib * 1024;
-      if (key == "MemAvailable:") info.free_bytes = kib * 1024;
+    std::string line;
+    while (std::getline(meminfo, line)) {
+      unsigned long long kib = 0;
+      if (std::sscanf(line.c_str(), "MemAvailable: %llu", &kib) == 1) info.free_bytes = kib * 1024;
     }
     return info;
   }
