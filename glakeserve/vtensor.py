@@ -177,35 +177,42 @@ class PagePool:
     def stats(self) -> PoolStats:
         return PoolStats(**self._alloc.stats())
 
+    def free_pages(self) -> int:
+        """Free physical pages now (cheaper than stats())."""
+        return self._alloc.free_pages()
+
     def page_refcounts(self) -> list[int | None]:
         """Mappings per pool page id; None where the physical page does not exist now."""
         return self._alloc.page_refcounts()
 
     def snapshot(self) -> dict:
-        """Everything `glake inspect-memory` shows, as plain data."""
-        s = self.stats()
+        """Everything `glake inspect-memory` shows, as plain data, read consistently (one lock)."""
+        stats, infos, refcounts = self._alloc.snapshot()
+        names = {vid: vt.name for vid, vt in self._vtensors.items()}
         return {
-            "pool": s.__dict__,
-            "vtensors": [vt.stats().__dict__ for vt in self.vtensors()],
+            "pool": stats,
+            "vtensors": [VTensorStats(name=names.get(i["id"], f"vtensor-{i['id']}"), **i).__dict__ for i in infos],
+            "refcounts": refcounts,
         }
 
     def check_integrity(self) -> None:
         """Raises AssertionError unless the pool's books balance: free + used == total, and each
         page's mapping count equals the number of vTensor pages that map it."""
-        s = self.stats()
-        assert s.free_pages + s.used_pages == s.total_pages, s
+        snap = self.snapshot()
+        s, refs = snap["pool"], snap["refcounts"]
+        assert s["free_pages"] + s["used_pages"] == s["total_pages"], s
         counted: dict[int, int] = {}
-        for vt in self.vtensors():
-            for page in vt.stats().physical_pages:
+        for vt in snap["vtensors"]:
+            for page in vt["physical_pages"]:
                 counted[page] = counted.get(page, 0) + 1
-        refs = self.page_refcounts()
         for page, ref in enumerate(refs):
             if ref is None:
                 assert page not in counted, f"pool page {page} is mapped but does not exist"
             else:
                 assert ref == counted.get(page, 0), f"pool page {page}: refcount {ref}, mapped {counted.get(page, 0)}"
-        assert s.free_pages == sum(1 for r in refs if r == 0), s
-        assert s.mappings == sum(counted.values()), s
+        assert s["free_pages"] == sum(1 for r in refs if r == 0), s
+        assert s["mappings"] == sum(counted.values()), s
+        assert s["shared_pages"] == sum(1 for n in counted.values() if n > 1), s
 
     # ----- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:

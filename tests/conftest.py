@@ -36,3 +36,19 @@ def pool(backend):
     p = vtensor.PagePool(16, page_size=small_page_size(backend), backend=backend)
     yield p
     p.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The embedded default model, converted from its GGUF once (cached for later runs)."""
+    from glakeserve.model.loader import resolve_model
+
+    return resolve_model(None).path
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_dir):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(smollm2_dir)

@@ -493,6 +493,10 @@ int64_t Allocator::shrink(int64_t pages) {
 
 PoolStats Allocator::stats() {
   std::lock_guard<std::mutex> lock(mu_);
+  return stats_locked();
+}
+
+PoolStats Allocator::stats_locked() const {
   PoolStats s = counters_;
   s.total_pages = std::count(present_.begin(), present_.end(), true);
   s.free_pages = static_cast<int64_t>(free_.size());
@@ -507,9 +511,17 @@ PoolStats Allocator::stats() {
   return s;
 }
 
+int64_t Allocator::free_pages() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int64_t>(free_.size());
+}
+
 VTensorInfo Allocator::info(int64_t id) {
   std::lock_guard<std::mutex> lock(mu_);
-  const VTensor& vt = find(id);
+  return info_locked(id, find(id));
+}
+
+VTensorInfo Allocator::info_locked(int64_t id, const VTensor& vt) const {
   VTensorInfo info;
   info.id = id;
   info.address = vt.reservation->va;
@@ -523,6 +535,18 @@ VTensorInfo Allocator::info(int64_t id) {
     if (refcount_[vt.pages[p]] > 1) info.shared_pages += 1;
   }
   return info;
+}
+
+Allocator::Snapshot Allocator::snapshot() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Snapshot snap;
+  snap.stats = stats_locked();
+  for (const auto& [id, vt] : vtensors_) snap.vtensors.push_back(info_locked(id, vt));
+  snap.refcounts.resize(present_.size());
+  for (size_t page = 0; page < present_.size(); ++page) {
+    if (present_[page]) snap.refcounts[page] = refcount_[page];
+  }
+  return snap;
 }
 
 std::vector<int64_t> Allocator::vtensor_ids() {

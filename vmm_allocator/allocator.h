@@ -122,6 +122,15 @@ class Allocator {
   int64_t shrink(int64_t pages);
 
   PoolStats stats();
+  int64_t free_pages();
+  // Stats, every vTensor's info and the page refcounts, all read under one lock: a consistent view
+  // even while the worker maps.
+  struct Snapshot {
+    PoolStats stats;
+    std::vector<VTensorInfo> vtensors;
+    std::vector<std::optional<int32_t>> refcounts;
+  };
+  Snapshot snapshot();
   VTensorInfo info(int64_t vtensor);
   std::vector<int64_t> vtensor_ids();
   std::vector<std::optional<int32_t>> page_refcounts();  // None for pages that do not exist now
@@ -161,6 +170,8 @@ class Allocator {
   void drop_reference(int64_t page);
   void worker_loop();
   std::string describe_pool() const;
+  PoolStats stats_locked() const;
+  VTensorInfo info_locked(int64_t id, const VTensor& vt) const;
 
   std::shared_ptr<Backend> backend_;
   std::string backend_name_;

@@ -173,6 +173,18 @@ PYBIND11_MODULE(_vmm, m) {
         }
         return stats_dict(s);
       })
+      .def("snapshot",
+           [](Allocator& a) {
+             Allocator::Snapshot snap;
+             {
+               py::gil_scoped_release release;
+               snap = a.snapshot();
+             }
+             py::list infos;
+             for (const auto& i : snap.vtensors) infos.append(info_dict(i));
+             return py::make_tuple(stats_dict(snap.stats), infos, snap.refcounts);
+           },
+           "(stats, [info per vTensor], page refcounts), read under one lock.")
       .def(
           "info",
           [](Allocator& a, int64_t vt) {
@@ -184,6 +196,7 @@ PYBIND11_MODULE(_vmm, m) {
             return info_dict(i);
           },
           py::arg("vtensor"))
+      .def("free_pages", &Allocator::free_pages, py::call_guard<py::gil_scoped_release>())
       .def("vtensor_ids", &Allocator::vtensor_ids, py::call_guard<py::gil_scoped_release>())
       .def("page_refcounts", &Allocator::page_refcounts, py::call_guard<py::gil_scoped_release>(),
            "Mappings per pool page; None for page ids whose physical page was released.")

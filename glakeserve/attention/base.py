@@ -1,0 +1,67 @@
+"""The attention backend interface: one of the two seams that change (the other is the KV cache).
+
+A batch is sequences back to back. Sequence i has query_lens[i] new tokens at positions
+[context_lens[i] - query_lens[i], context_lens[i]) of its slot slot_ids[i]; its K and V for those
+positions are written by store_kv, then forward attends each new token to every earlier position of
+its slot (causal). Kernels see `k_cache[slot, pos, kv_head, dim]` views: no block tables.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_ids: torch.Tensor  # [batch] int64
+    query_lens: torch.Tensor  # [batch] int64
+    context_lens: torch.Tensor  # [batch] int64: tokens in the cache after this step
+    query_start: torch.Tensor  # [batch + 1] int64: offsets of each sequence's tokens
+    token_slots: torch.Tensor  # [tokens] int64: slot of each new token
+    positions: torch.Tensor  # [tokens] int64: position of each new token in its slot
+    # the same on the host, for backends that loop in Python
+    query_lens_host: list[int]
+    context_lens_host: list[int]
+    slot_ids_host: list[int]
+    max_query_len: int
+    max_context_len: int
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(ABC):
+    name: str
+
+    def prepare_metadata(self, slot_ids: list[int], query_lens: list[int], context_lens: list[int],
+                         device: torch.device) -> AttentionMetadata:
+        def t(values):
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        token_slots, positions = [], []
+        for slot, n, ctx in zip(slot_ids, query_lens, context_lens):
+            token_slots += [slot] * n
+            positions += range(ctx - n, ctx)
+        return AttentionMetadata(
+            slot_ids=t(slot_ids), query_lens=t(query_lens), context_lens=t(context_lens), query_start=t(starts),
+            token_slots=t(token_slots), positions=t(positions), query_lens_host=list(query_lens),
+            context_lens_host=list(context_lens), slot_ids_host=list(slot_ids),
+            max_query_len=max(query_lens), max_context_len=max(context_lens),
+        )
+
+    @abstractmethod
+    def store_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        """Writes k, v [tokens, kv_heads, dim] at (token_slots, positions) of the caches."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q [tokens, heads, dim] -> [tokens, heads, dim]."""

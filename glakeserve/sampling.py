@@ -1,0 +1,188 @@
+"""SamplingParams (vLLM's fields, validated with messages that name the field, the value and the
+allowed range) and the batch sampler.
+
+Randomness is a counter-based hash of (request seed, step, token id): no generator state, so a
+seeded request samples the same tokens whatever else is in its batch, after a preemption, and on
+CPU or GPU alike; and nothing forces a host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    def validate(self) -> None:
+        def fail(msg: str) -> None:
+            raise ValueError(msg)
+
+        if self.n != 1:
+            fail(f"n must be 1, got {self.n}: GlakeServe returns one completion per request")
+        if not self.temperature >= 0.0:
+            fail(f"temperature must be non-negative (0 means greedy), got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            fail(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < -1:
+            fail(f"top_k must be -1 or 0 (disable), or at least 1, got {self.top_k}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            fail(f"min_p must be in [0, 1], got {self.min_p}.")
+        if not self.repetition_penalty > 0.0:
+            fail(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            fail(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            fail(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            fail(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.min_tokens < 0:
+            fail(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            fail(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            fail(f"seed must be in [0, 2**63), got {self.seed}.")
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            fail(f"stop must be non-empty strings, got {self.stop!r}.")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            fail(f"stop_token_ids must be non-negative token ids, got {self.stop_token_ids!r}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+# ----- counter-based randomness ------------------------------------------------------------------
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    # int64 arithmetic wraps modulo 2**64, which is what the mixer wants
+    z = x + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[batch, vocab] floats in (0, 1), a pure function of (seed, step, token id)."""
+    row = _splitmix64(_splitmix64(seeds) ^ steps)  # [batch]
+    tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    bits = _shr(_splitmix64(row[:, None] + tok[None, :]), 40)  # top 24 bits
+    return (bits.float() + 0.5) * (1.0 / (1 << 24))
+
+
+# ----- the sampler ------------------------------------------------------------------------------
+@dataclass
+class SamplingBatch:
+    """What the sampler needs of each request, in batch order."""
+
+    params: list[SamplingParams]
+    seeds: list[int]
+    steps: list[int]  # tokens generated so far = the step's counter
+    output_ids: list[list[int]]
+    prompt_ids: list[list[int]]
+    banned: list[list[int]] = field(default_factory=list)  # token ids to forbid now (min_tokens)
+
+
+def _apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> None:
+    V = logits.shape[1]
+    dev = logits.device
+    for i, p in enumerate(b.params):
+        if not p.uses_penalties:
+            continue
+        out = torch.tensor(b.output_ids[i], dtype=torch.int64, device=dev)
+        counts = torch.zeros(V, device=dev).index_add_(0, out, torch.ones(len(out), device=dev))
+        if p.repetition_penalty != 1.0:
+            seen = counts > 0
+            if b.prompt_ids[i]:
+                seen[torch.tensor(b.prompt_ids[i], dtype=torch.int64, device=dev)] = True
+            row = logits[i]
+            penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            logits[i] = torch.where(seen, penalized, row)
+        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+
+
+def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p for the rows that sample; -inf where a token is cut."""
+    dev = logits.device
+    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+    logits = logits / temps[:, None]
+    V = logits.shape[1]
+    top_ks = [p.top_k if p.top_k > 0 else V for p in params]
+    if any(k < V for k in top_ks):
+        k = torch.tensor(top_ks, device=dev)
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=dev)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
+        cut_sorted = before >= top_p[:, None]  # the top token is always kept
+        cut = torch.zeros_like(cut_sorted).scatter(1, order, cut_sorted)
+        logits = logits.masked_fill(cut, float("-inf"))
+    if any(p.min_p > 0.0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=dev)
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """logits [batch, vocab] float32 -> token ids [batch] (int64, on the logits' device)."""
+    logits = logits.clone()
+    if any(p.uses_penalties for p in b.params):
+        _apply_penalties(logits, b)
+    for i, banned in enumerate(b.banned):
+        if banned:
+            logits[i, banned] = float("-inf")
+    greedy_ids = logits.argmax(dim=-1)
+    if all(p.greedy for p in b.params):
+        return greedy_ids
+    probs = _filter(logits, b.params).softmax(dim=-1)
+    dev = logits.device
+    u = uniform_noise(torch.tensor(b.seeds, device=dev, dtype=torch.int64),
+                      torch.tensor(b.steps, device=dev, dtype=torch.int64), logits.shape[1])
+    # exponential race: argmax p / E with E ~ Exp(1) picks token v with probability p_v
+    sampled = (probs / -torch.log(u)).argmax(dim=-1)
+    greedy = torch.tensor([p.greedy for p in b.params], device=dev)
+    return torch.where(greedy, greedy_ids, sampled)

@@ -1,0 +1,70 @@
+"""Shared helpers for the engine tests: tiny random HF checkpoints and direct model runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from glakeserve.attention.torch_ref import TorchReferenceBackend
+from glakeserve.kv_cache import KVCache
+from glakeserve.model.config import config_from_hf
+from glakeserve.model.loader import load_hf_weights
+from glakeserve.vtensor import PagePool
+
+
+def save_tiny_hf_llama(path: Path, *, heads=4, kv_heads=2, hidden=64, layers=2, vocab=257, tie=False,
+                       rope=None, seed=0, max_pos=512) -> Path:
+    """A randomly initialised HF LlamaForCausalLM saved as safetensors: a reference with weights
+    nobody tuned our code to."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    params = {"rope_type": "default", "rope_theta": 10000.0}
+    if rope is not None:
+        params = {**rope, "rope_theta": 10000.0}
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
+        tie_word_embeddings=tie, rope_parameters=params, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+    )
+    model = LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():  # HF initialises norms to 1; make them matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    return path
+
+
+class DirectRunner:
+    """Our model + a KV cache on a host pool, driven by hand (no scheduler)."""
+
+    def __init__(self, path: Path, layout: str, max_len: int = 256, slots: int = 4):
+        self.cfg = config_from_hf(path / "config.json")
+        self.model = load_hf_weights(path, self.cfg, torch.float32, torch.device("cpu"), max_len)
+        self.pool = PagePool(256, page_size=16384, backend="host")
+        self.kv = KVCache(self.pool, self.cfg, torch.float32, max_len, slots, layout=layout)
+        self.attn = TorchReferenceBackend()
+
+    @torch.inference_mode()
+    def run(self, chunks: list[tuple[int, list[int]]], done: dict[int, int]) -> list[torch.Tensor]:
+        """chunks: (slot, new token ids) per sequence; done: tokens already cached per slot.
+        Returns each sequence's logits [new tokens, vocab]."""
+        slots = [s for s, _ in chunks]
+        qlens = [len(t) for _, t in chunks]
+        ctxs = [done.get(s, 0) + n for s, n in zip(slots, qlens)]
+        for s, c in zip(slots, ctxs):
+            slot = self.kv.slots[s]
+            slot.owner = slot.owner or f"sequence-in-slot-{s}"
+            assert self.kv.ensure(slot, c)
+        meta = self.attn.prepare_metadata(slots, qlens, ctxs, torch.device("cpu"))
+        ids = torch.tensor([t for _, toks in chunks for t in toks])
+        logits = self.model.logits(self.model.forward(ids, meta.positions, self.kv, self.attn, meta))
+        for s, c in zip(slots, ctxs):
+            done[s] = c
+        return list(logits.split(qlens))
+
+    def close(self):
+        self.kv.close()
+        self.pool.close()

@@ -1,0 +1,46 @@
+"""Under a pool so small that requests must be preempted (and recomputed), greedy outputs equal an
+unconstrained run, seeded sampling too, and the KV cache's books balance after every step."""
+
+import pytest
+
+from glakeserve.engine import EngineConfig, LLMEngine
+from glakeserve.sampling import SamplingParams
+
+PROMPTS = [
+    "Tell me a story about a dragon who",
+    "List three uses of copper:",
+    "The quick brown fox",
+    "Explain photosynthesis to a child.",
+    "Q: What is 12 times 7?\nA:",
+    "Once upon a time in a small village",
+]
+
+
+# page size and a pool too small for all six requests at once, per layout: token-major pages hold
+# whole tokens (5 a page here), per-layer pages hold 21 tokens of one layer's K or V
+GEOMETRY = {"token-major": (256 << 10, 24), "per-layer": (16 << 10, 600)}
+
+
+def run(layout: str, pages: int, params: SamplingParams) -> tuple[list[list[int]], dict]:
+    page_size = GEOMETRY[layout][0]
+    engine = LLMEngine(EngineConfig(max_model_len=128, max_num_seqs=6, max_num_batched_tokens=64,
+                                    kv_cache_memory=pages * page_size, page_size=page_size, kv_layout=layout,
+                                    check_integrity=True))
+    ids = [engine.add_request(p, params) for p in PROMPTS]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+    stats = engine.stats()
+    engine.close()
+    return [done[i] for i in ids], stats
+
+
+@pytest.mark.parametrize("layout,temperature", [("token-major", 0.0), ("per-layer", 0.0), ("token-major", 0.8)])
+def test_outputs_survive_preemption(layout, temperature):
+    params = SamplingParams(temperature=temperature, seed=1234, max_tokens=32, ignore_eos=True)
+    free, _ = run(layout, 10_000, params)
+    tight, stats = run(layout, GEOMETRY[layout][1], params)
+    assert stats["preemptions"] > 0, stats
+    assert tight == free
