@@ -52,3 +52,13 @@ def hf_smollm2(smollm2_dir):
 
     model = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def smol_llm(smollm2_dir):
+    """One SmolLM2 engine per test module (loading takes a few seconds)."""
+    from glakeserve.llm import LLM
+
+    llm = LLM(max_model_len=512, max_num_seqs=8, kv_cache_memory=96 << 20, check_integrity=True)
+    yield llm
+    llm.close()

@@ -18,7 +18,9 @@ from glakeserve.model.config import ModelConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # computed in float32, like HF's LlamaRMSNorm, then scaled in the model's dtype
+    if x.dtype == torch.float32:  # one fused op, bit-identical to the composition below in float32
+        return F.rms_norm(x, weight.shape, weight, eps)
+    # normalised in float32, like HF's LlamaRMSNorm, then scaled in the model's dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -57,16 +59,18 @@ class RotaryEmbedding:
         self.cos = emb.cos()
         self.sin = emb.sin()
 
+        half = cfg.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * signed_sin, with the first half of sin negated
+        self.signed_sin = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
+
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [tokens, 1, head_dim] for a batch: looked up once, used by every layer."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        """cos, signed sin [tokens, 1, head_dim] for a batch: looked up once, used by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [tokens, heads, head_dim]; rotate-half convention (HF's)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, heads, head_dim]; HF's rotate-half convention: x * cos + rotate_half(x) * sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Linear:

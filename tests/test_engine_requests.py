@@ -1,0 +1,64 @@
+"""Bad requests get clear errors and the engine keeps serving the others; abort frees memory at once."""
+
+import pytest
+
+from glakeserve.sampling import SamplingParams
+
+
+def test_bad_prompts_are_rejected_and_the_others_go_on(smol_llm):
+    engine = smol_llm.engine
+    good = engine.add_request("Count to five:", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    engine.step()
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        engine.add_request("", SamplingParams())
+    with pytest.raises(ValueError, match=r"the prompt has 600 tokens but max_model_len is 512: .* shorten"):
+        engine.add_request([5] * 600, SamplingParams())
+    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 49152\)"):
+        engine.add_request([1, 2, 99999], SamplingParams())
+    with pytest.raises(ValueError, match="a prompt must be a string or a list of token ids"):
+        engine.add_request(3.5, SamplingParams())
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("again", SamplingParams(), request_id=good)
+    done = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == good and out.finished:
+                done = out
+    assert done is not None and len(done.token_ids) == 12
+
+
+def test_generate_names_the_bad_prompt_and_queues_nothing(smol_llm):
+    with pytest.raises(ValueError, match="prompt 1: the prompt is empty"):
+        smol_llm.generate(["fine", ""], SamplingParams(max_tokens=4))
+    assert not smol_llm.engine.has_unfinished_requests()
+
+
+def test_prompt_just_under_the_limit_generates_until_the_limit(smol_llm):
+    out = smol_llm.generate([[7] * 509], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 3  # 509 + 3 = max_model_len
+
+
+def test_abort_frees_pages_at_once(smol_llm):
+    engine = smol_llm.engine
+    engine.kv._drain()
+    rid = engine.add_request("Tell me everything about the ocean.",
+                             SamplingParams(temperature=0, max_tokens=300, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    req = engine.requests[rid]
+    slot = req.slot
+    assert slot.mapped > 0
+    out = engine.abort_request(rid)
+    assert out.finished and out.finish_reason == "abort"
+    assert slot.owner is None and slot.mapped == 0 and slot.target == 0
+    engine.kv.check_integrity(engine.scheduler.tokens_held())
+    assert engine.abort_request(rid) is None  # unknown now
+    assert not engine.has_unfinished_requests()
+
+
+def test_chat_applies_the_template(smol_llm):
+    out = smol_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                        SamplingParams(temperature=0, max_tokens=20))[0]
+    assert "Paris" in out.text
+    with pytest.raises(ValueError, match="needs 'role' and 'content'"):
+        smol_llm.chat([{"text": "hi"}])
