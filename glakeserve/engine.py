@@ -129,10 +129,11 @@ class LLMEngine:
             raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         return None, list(prompt)
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None) -> str:
-        """Validates and queues one request; raises ValueError (and changes nothing) when it is bad."""
-        params = params or SamplingParams()
+    def validate_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> tuple[str | None, list[int]]:
+        """Checks a request without touching the engine's state: (prompt text, token ids), or a
+        ValueError that says what is wrong."""
+        if params is not None and not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, ids = self.encode_prompt(prompt)
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
@@ -148,6 +149,13 @@ class LLMEngine:
                 f"shorter than max_model_len so that at least one token can be generated; shorten the prompt "
                 f"or raise max_model_len"
             )
+        return text, ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        """Validates and queues one request; raises ValueError (and changes nothing) when it is bad."""
+        params = params or SamplingParams()
+        text, ids = self.validate_request(prompt, params)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -273,6 +281,7 @@ class LLMEngine:
 
     def memory_snapshot(self) -> dict:
         """PagePool.snapshot() plus the slots: what inspect-memory shows."""
+        self.kv.poll()
         snap = self.pool.snapshot()
         snap["slots"] = self.kv.slot_stats(self.scheduler.tokens_held())
         snap["engine"] = {k: v for k, v in self.stats().items() if k not in ("pool", "slots")}

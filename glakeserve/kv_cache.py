@@ -78,9 +78,9 @@ class KVCache:
         total = pool.stats().total_pages
         if need > total:
             raise KVCacheTooSmallError(
-                f"the KV cache pool has {total} pages of {ps >> 10} KiB but one request of max_model_len="
-                f"{max_model_len} tokens needs {need} ({self.layout.value} layout): raise kv_cache_memory or "
-                f"lower max_model_len"
+                f"the KV cache pool has {total} pages ({total * ps / 2**20:.0f} MiB) but one request of "
+                f"max_model_len={max_model_len} tokens needs {need} ({need * ps / 2**20:.0f} MiB, {self.layout.value} "
+                f"layout): raise kv_cache_memory or lower max_model_len"
             )
         self._views = self._make_views()
 

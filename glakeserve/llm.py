@@ -36,14 +36,9 @@ class LLM:
         else:
             plist = [params or SamplingParams()] * len(prompts)
         # validate every prompt before queueing any, so a bad one changes nothing
-        for i, p in enumerate(prompts):
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
             try:
-                _, ids = self.engine.encode_prompt(p)
-                if not ids:
-                    raise ValueError("the prompt is empty: give at least one token")
-                if len(ids) >= self.engine.max_model_len:
-                    raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is "
-                                     f"{self.engine.max_model_len}; shorten it or raise max_model_len")
+                self.engine.validate_request(p, sp)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         return [self.engine.add_request(p, sp) for p, sp in zip(prompts, plist)]

@@ -15,7 +15,8 @@ runner = CliRunner()
 def test_help_lists_the_commands():
     out = runner.invoke(app, ["--help"])
     assert out.exit_code == 0
-    assert "inspect-memory" in out.output
+    for command in ("chat", "bench", "inspect-memory", "serve"):
+        assert command in out.output
 
 
 def test_version():
@@ -28,26 +29,27 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and glakeserve.__version__ in out.stdout
 
 
-def test_inspect_memory_json_matches_the_demo():
-    out = runner.invoke(app, ["inspect-memory", "--json", "--backend", "host"])
+def test_inspect_memory_json_on_the_demo(smollm2_dir):
+    out = runner.invoke(app, ["inspect-memory", "--json"])
     assert out.exit_code == 0, out.output
     snap = json.loads(out.output)
-    pool, vts = snap["pool"], snap["vtensors"]
+    pool, slots = snap["pool"], snap["slots"]
     assert pool["used_pages"] + pool["free_pages"] == pool["total_pages"]
-    assert len(vts) == 4 and pool["num_vtensors"] == 4
-    assert pool["shared_pages"] == 3  # req-3 aliases req-0's first three pages
-    assert vts[3]["physical_pages"][:3] == vts[0]["physical_pages"][:3]
-    assert pool["mappings"] == sum(len(v["mapped_pages"]) for v in vts)
+    running = [s for s in slots if s["owner"] is not None]
+    idle_with_pages = [s for s in slots if s["owner"] is None and s["mapped_pages"]]
+    assert len(running) == 2 and len(idle_with_pages) == 2  # two finished early and kept their pages
+    assert all(s["tokens"] > 0 and s["mapped_pages"] <= s["reserved_pages"] for s in running)
+    assert snap["engine"]["running"] == 2
 
 
-def test_inspect_memory_tables():
-    out = runner.invoke(app, ["inspect-memory", "--backend", "host"])
+def test_inspect_memory_tables(smollm2_dir):
+    out = runner.invoke(app, ["inspect-memory"])
     assert out.exit_code == 0, out.output
-    for text in ("Page pool", "vTensors", "Page map", "req-3"):
+    for text in ("KV page pool", "Slots", "Page map", "idle"):
         assert text in out.output
 
 
-def test_inspect_memory_bad_backend_is_a_clear_error():
-    out = runner.invoke(app, ["inspect-memory", "--backend", "tpu"])
+def test_unknown_model_is_a_clear_error_not_a_traceback():
+    out = runner.invoke(app, ["inspect-memory", "--model", "nobody/nothing"])
     assert out.exit_code == 2
-    assert "unknown backend 'tpu'" in out.output
+    assert "no weights for 'nobody/nothing'" in out.output and "Traceback" not in out.output

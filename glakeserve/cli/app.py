@@ -1,14 +1,17 @@
-"""The `glake` command line."""
+"""The `glake` command line: chat, bench, inspect-memory, serve."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
 import glakeserve
+from glakeserve.cli import options as O
 
 app = typer.Typer(
     name="glake",
@@ -17,8 +20,25 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def make_llm(**kwargs):
+    """An LLM, or a one-line error that says what to do (no traceback)."""
+    from glakeserve.llm import LLM
+    from glakeserve.vtensor import VmmError
+
+    try:
+        with console.status("loading the model (the first start converts it; later starts are fast)..."):
+            return LLM(**kwargs)
+    except (ValueError, FileNotFoundError, VmmError) as e:
+        fail(str(e))
 
 
 def _version(value: bool) -> None:
@@ -29,37 +49,178 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = None,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
 ) -> None:
     pass
 
 
-@app.command("inspect-memory")
-def inspect_memory(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the state as JSON, for scripts.")] = False,
-    backend: Annotated[str, typer.Option(help="auto, cuda or host.")] = "auto",
-    pool_pages: Annotated[int, typer.Option(min=1, help="Pages in the demo's pool.")] = 96,
+@app.command()
+def chat(
+    model: O.Model = None, dtype: O.Dtype = "auto", device: O.Device = "auto", max_model_len: O.MaxModelLen = None,
+    kv_cache_memory: O.KVMemory = None, load_format: O.LoadFormat = "auto", kv_layout: O.KVLayout = "token-major",
+    seed: O.Seed = 0,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option()] = 0.9,
+    top_k: Annotated[int, typer.Option(help="0 disables.")] = 0,
+    min_p: Annotated[float, typer.Option()] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option()] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 512,
+    live_memory: Annotated[bool, typer.Option(help="Show the KV memory live while a reply streams.")] = True,
+    history_file: Annotated[Optional[Path], typer.Option(help="Where the input history is kept.")] = None,
 ) -> None:
-    """Show the allocator's state: pool totals, each vTensor's pages, and a page map."""
-    from glakeserve.cli.demo import run_demo
-    from glakeserve.cli.memory_view import render_snapshot
-    from glakeserve.vtensor import VmmError
+    """Chat with a model in the terminal; replies stream, and the KV memory is shown live."""
+    from glakeserve.cli.chat import ChatSession, run_repl
+    from glakeserve.sampling import SamplingParams
 
     try:
-        pool = run_demo(pool_pages=pool_pages, backend=backend)
-    except (VmmError, ValueError) as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                repetition_penalty=repetition_penalty, max_tokens=max_tokens)
+    except ValueError as e:
+        fail(str(e))
+    llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, 1, None, kv_cache_memory, load_format,
+                                     kv_layout, seed))
+    if llm.tokenizer is None or not llm.tokenizer.has_chat_template:
+        fail("this model has no chat template; use `glake serve` with /v1/completions instead")
+    if history_file is None:
+        import platformdirs
+
+        history_file = Path(platformdirs.user_data_dir("glakeserve")) / "chat_history"
+    run_repl(ChatSession(llm, console, system=system, params=params, live_memory=live_memory), history_file)
+
+
+@app.command()
+def bench(
+    model: O.Model = None, dtype: O.Dtype = "auto", device: O.Device = "auto", max_model_len: O.MaxModelLen = None,
+    max_num_seqs: O.MaxNumSeqs = None, max_num_batched_tokens: O.MaxBatchedTokens = None,
+    kv_cache_memory: O.KVMemory = None, load_format: O.LoadFormat = "auto", kv_layout: O.KVLayout = "token-major",
+    seed: Annotated[int, typer.Option(help="Seed of the dataset shuffle and of the requests.")] = 0,
+    dataset: Annotated[str, typer.Option(help="sharegpt or random.")] = "sharegpt",
+    dataset_path: Annotated[Optional[Path], typer.Option(help="A ShareGPT JSON (default: the packaged one).")] = None,
+    num_prompts: Annotated[int, typer.Option(min=1)] = 100,
+    input_len: Annotated[int, typer.Option(min=1, help="random: prompt tokens.")] = 256,
+    output_len: Annotated[Optional[int], typer.Option(
+        min=1, help="Output tokens (random: required length; sharegpt: overrides the dataset's).")] = None,
+    backend: Annotated[str, typer.Option(help="glake, or hf for HF transformers as the in-run baseline.")] = "glake",
+    hf_batch_size: Annotated[int, typer.Option(min=1, help="hf backend: requests per generate() call.")] = 16,
+    output_json: Annotated[Optional[Path], typer.Option(help="Write the figures and the timeline here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="PNG: tokens/s, running requests, mapped vs reserved KV.")]
+    = None,
+) -> None:
+    """Offline throughput on ShareGPT or random prompts, reported as vLLM's benchmark does."""
+    from glakeserve.cli import bench as B
+    from glakeserve.datasets import sample_random, sample_sharegpt
+
+    if backend not in ("glake", "hf"):
+        fail(f"--backend must be glake or hf, got {backend!r}")
+    if dataset not in ("sharegpt", "random"):
+        fail(f"--dataset must be sharegpt or random, got {dataset!r}")
+    kwargs = O.engine_kwargs(model, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens,
+                             kv_cache_memory, load_format, kv_layout, seed)
+    llm = make_llm(**kwargs)
+    engine = llm.engine
     try:
-        snap = pool.snapshot()
-    finally:
-        pool.close()
-    if as_json:
-        print(json.dumps(snap, indent=2))
+        if dataset == "sharegpt":
+            if engine.tokenizer is None:
+                fail("ShareGPT prompts need a tokenizer; use --dataset random with this model")
+            reqs = sample_sharegpt(engine.tokenizer, num_prompts, seed=seed, path=dataset_path,
+                                   fixed_output_len=output_len,
+                                   max_total_len=min(2048, engine.max_model_len - 1),
+                                   max_prompt_len=min(1024, engine.max_model_len - 2))
+        else:
+            reqs = sample_random(num_prompts, input_len, output_len or 128, engine.model_config.vocab_size, seed)
+            if input_len + (output_len or 128) > engine.max_model_len:
+                fail(f"--input-len + --output-len must fit max_model_len={engine.max_model_len}")
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if backend == "glake":
+        res = B.run_glake(llm, reqs, console)
     else:
-        console.print(render_snapshot(snap))
+        res = B.run_hf(_hf_model(engine), reqs, hf_batch_size, engine.eos_token_ids[0] if engine.eos_token_ids else 0,
+                       console)
+    B.report(res, console)
+    config = {k: v for k, v in kwargs.items()} | {"dataset": dataset, "num_prompts": num_prompts, "backend": backend,
+                                                  "device": str(engine.device), "kv_layout": kv_layout}
+    if output_json:
+        B.write_json(str(output_json), res, config)
+    if plot:
+        B.plot(str(plot), res)
+        console.print(f"[dim]plot written to {plot}[/dim]")
+
+
+def _hf_model(engine):
+    """HF transformers' Llama on the same weights (or the same random shape) as the engine."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if engine.source.path is not None:
+        return LlamaForCausalLM.from_pretrained(engine.source.path, dtype=engine.dtype).to(engine.device).eval()
+    cfg = LlamaConfig(**{k: v for k, v in engine.model_config.to_hf_dict().items()
+                         if k not in ("architectures", "model_type")})
+    with torch.device(engine.device):
+        return LlamaForCausalLM(cfg).to(engine.dtype).eval()
+
+
+@app.command("inspect-memory")
+def inspect_memory(
+    url: Annotated[Optional[str], typer.Option(help="A running `glake serve`, e.g. http://127.0.0.1:8000.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="The server's API key, if it has one.")] = None,
+    watch: Annotated[Optional[float], typer.Option(help="Refresh every this many seconds (Ctrl-C stops).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the state as JSON, for scripts.")] = False,
+    model: O.Model = None, device: O.Device = "auto", load_format: O.LoadFormat = "auto",
+    kv_layout: O.KVLayout = "token-major",
+) -> None:
+    """The KV allocator's state: pool totals, each slot's mapped and reserved pages, a page map.
+    Without --url it runs a short demo workload on the engine."""
+    from glakeserve.cli.inspect import DemoWorkload, fetch_snapshot, show
+
+    if watch is not None and watch <= 0:
+        fail("--watch takes a positive number of seconds")
+    if url:
+        def get():
+            try:
+                return fetch_snapshot(url, api_key)
+            except ConnectionError as e:
+                fail(str(e))
+
+        show(console, get, as_json, watch)
+        return
+    llm = make_llm(model=model, device=device, load_format=load_format, kv_layout=kv_layout, max_model_len=1024,
+                   max_num_seqs=4, kv_cache_memory=128 << 20)
+    demo = DemoWorkload(llm)
+    show(console, demo.snapshot, as_json, watch, advance=lambda: demo.advance(4))
+
+
+@app.command()
+def serve(
+    model: O.Model = None, dtype: O.Dtype = "auto", device: O.Device = "auto", max_model_len: O.MaxModelLen = None,
+    max_num_seqs: O.MaxNumSeqs = None, max_num_batched_tokens: O.MaxBatchedTokens = None,
+    kv_cache_memory: O.KVMemory = None, load_format: O.LoadFormat = "auto", kv_layout: O.KVLayout = "token-major",
+    seed: O.Seed = 0,
+    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="GLAKE_API_KEY",
+                                                   help="Require 'Authorization: Bearer KEY' on /v1/.")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="The model name clients use.")] = None,
+) -> None:
+    """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health,
+    /metrics and /v1/memory."""
+    import uvicorn
+
+    from glakeserve.server.api import build_app
+    from glakeserve.server.async_engine import AsyncEngine
+
+    llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens,
+                                     kv_cache_memory, load_format, kv_layout, seed))
+    engine = AsyncEngine(llm.engine)
+    name = served_model_name or llm.engine.model_name
+    console.print(f"[bold]glake serve[/bold] · {name} on http://{host}:{port} "
+                  f"({'API key required' if api_key else 'no API key'})")
+    try:
+        uvicorn.run(build_app(engine, name, api_key), host=host, port=port, log_level="warning")
+    finally:
+        engine.shutdown()
 
 
 def main() -> None:

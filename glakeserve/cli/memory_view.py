@@ -1,17 +1,19 @@
-"""Rich renderings of the allocator's state: pool totals, per-vTensor pages, and a page map.
+"""Rich renderings of the KV memory: pool totals, per-slot pages, a page map.
 
-Everything here takes a plain snapshot dict (PagePool.snapshot(), or the JSON a server returns), so
-the same views serve `glake inspect-memory`, the chat's /memory and live panel, and `--url`.
+Everything here takes plain data (LLMEngine.memory_snapshot(), or the JSON `glake serve` returns at
+/v1/memory), so the same views serve `glake inspect-memory` (local or --url), the chat's /memory and
+its live panel.
 """
 
 from __future__ import annotations
 
 from rich.console import Group
+from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-MAPPED, SHARED, RESERVED = "█", "▓", "·"
-MAP_WIDTH = 64
+MAPPED, SHARED, QUEUED, RESERVED = "█", "▓", "▒", "·"
+MAP_WIDTH = 48
 
 
 def human_bytes(n: float) -> str:
@@ -22,9 +24,9 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def pool_table(pool: dict) -> Table:
+def pool_table(pool: dict, engine: dict | None = None) -> Table:
     ps = pool["page_size"]
-    t = Table(title=f"Page pool ({pool['backend']}, device {pool['device']})", title_justify="left")
+    t = Table(title=f"KV page pool ({pool['backend']}, {human_bytes(ps)} pages)", title_justify="left")
     t.add_column("pages", justify="right")
     t.add_column("count", justify="right")
     t.add_column("memory", justify="right")
@@ -37,72 +39,100 @@ def pool_table(pool: dict) -> Table:
     return t
 
 
-def pool_summary(pool: dict) -> Text:
-    return Text(
-        f"page size {human_bytes(pool['page_size'])} · {pool['num_vtensors']} vTensors reserving "
-        f"{human_bytes(pool['reserved_bytes'])} · mapped {pool['pages_mapped']} / unmapped "
-        f"{pool['pages_unmapped']} / aliased {pool['pages_aliased']} pages · set-access calls "
-        f"{pool['set_access_calls']} · async jobs {pool['async_jobs']} · waits {pool['waits']}",
-        style="dim",
-    )
+def counters_line(pool: dict, engine: dict | None = None) -> Text:
+    parts = [
+        f"{pool['num_vtensors']} vTensors reserve {human_bytes(pool['reserved_bytes'])} of address space",
+        f"mapped {pool['pages_mapped']} · unmapped {pool['pages_unmapped']} · aliased {pool['pages_aliased']} pages",
+        f"async jobs {pool['async_jobs']} ({pool['async_pages']} pages)",
+    ]
+    if engine:
+        parts.append(f"mapping waits {engine.get('mapping_waits', 0)} · preemptions {engine.get('preemptions', 0)}"
+                     f" · running {engine.get('running', 0)} · waiting {engine.get('waiting', 0)}")
+    return Text("\n".join(parts), style="dim")
 
 
-def vtensor_table(vtensors: list[dict], page_size: int, title: str = "vTensors") -> Table:
-    t = Table(title=title, title_justify="left")
-    for col in ("name", "reserved", "pages mapped / reserved", "mapped memory", "shared", "pending"):
-        t.add_column(col, justify="left" if col == "name" else "right")
-    for vt in vtensors:
-        mapped = len(vt["mapped_pages"])
+def slot_table(slots: list[dict], page_size: int, show_idle: bool = True) -> Table:
+    t = Table(title="Slots (one contiguous virtual range per request)", title_justify="left")
+    for col in ("slot", "request", "tokens", "pages mapped / reserved", "queued", "mapped memory", "waste"):
+        t.add_column(col, justify="left" if col in ("request",) else "right")
+    for s in slots:
+        if not s["mapped_pages"] and not s["owner"] and not s["queued_pages"]:
+            continue  # never used: nothing to show
+        if not show_idle and s["owner"] is None:
+            continue
         t.add_row(
-            vt["name"],
-            human_bytes(vt["reserved_bytes"]),
-            f"{mapped} / {vt['num_pages']}",
-            human_bytes(mapped * page_size),
-            str(vt["shared_pages"]),
-            str(vt["pending_jobs"]),
+            str(s["slot"]),
+            s["owner"] or "[dim]idle, pages kept[/dim]",
+            str(s["tokens"]),
+            f"{s['mapped_pages']} / {s['reserved_pages']}",
+            str(s["queued_pages"]),
+            human_bytes(s["mapped_pages"] * page_size),
+            human_bytes(s["waste_bytes"]),
         )
     return t
 
 
-def page_map_row(vt: dict, shared: set[int], width: int = MAP_WIDTH) -> Text:
-    """One cell per page (or per run of pages when there are more than `width`): mapped, mapped and
-    shared with another vTensor, or reserved only."""
-    n = vt["num_pages"]
-    per_cell = max(1, -(-n // width))  # ceil(n / width) pages per cell
-    mapped = dict(zip(vt["mapped_pages"], vt["physical_pages"]))
+def page_map_row(s: dict, width: int = MAP_WIDTH) -> Text:
+    """One cell per page of the slot's range (or per run of pages when there are more than
+    `width`): mapped, shared with another slot, queued on the worker, or reserved only."""
+    n = s["reserved_pages"]
+    mapped, queued, shared = s["mapped_pages"], s["queued_pages"], s.get("shared_pages", 0)
+    per_cell = max(1, -(-n // width))
     text = Text()
     for start in range(0, n, per_cell):
-        cell = [mapped.get(p) for p in range(start, min(n, start + per_cell))]
-        if any(phys is not None and phys in shared for phys in cell):
+        if start < shared:
             text.append(SHARED, style="magenta")
-        elif any(phys is not None for phys in cell):
+        elif start < mapped:
             text.append(MAPPED, style="green")
+        elif start < mapped + queued:
+            text.append(QUEUED, style="yellow")
         else:
             text.append(RESERVED, style="dim")
     if per_cell > 1:
-        text.append(f"  ({per_cell} pages/cell)", style="dim")
+        text.append(f" {per_cell}/cell", style="dim")
     return text
 
 
-def page_map(vtensors: list[dict], width: int = MAP_WIDTH) -> Table:
-    seen: dict[int, int] = {}
-    for vt in vtensors:
-        for phys in vt["physical_pages"]:
-            seen[phys] = seen.get(phys, 0) + 1
-    shared = {p for p, n in seen.items() if n > 1}
-    t = Table(title="Page map", title_justify="left", show_header=False, box=None, pad_edge=False)
-    t.add_column("name", style="bold")
+def page_map(slots: list[dict], width: int = MAP_WIDTH) -> Table:
+    t = Table(title="Page map (per slot, all its vTensors)", title_justify="left", show_header=False, box=None)
+    t.add_column("slot", style="bold", justify="right")
     t.add_column("pages")
-    for vt in vtensors:
-        t.add_row(vt["name"], page_map_row(vt, shared, width))
-    t.caption = f"{MAPPED} mapped   {SHARED} shared with another vTensor   {RESERVED} reserved, unmapped"
+    for s in slots:
+        if s["mapped_pages"] or s["owner"] or s["queued_pages"]:
+            t.add_row(f"{s['slot']}", page_map_row(s, width))
+    t.caption = f"{MAPPED} mapped  {SHARED} shared  {QUEUED} queued on the worker  {RESERVED} reserved"
     return t
 
 
-def render_snapshot(snapshot: dict) -> Group:
-    pool = snapshot["pool"]
-    vts = snapshot["vtensors"]
-    parts = [pool_table(pool), pool_summary(pool)]
-    if vts:
-        parts += [Text(""), vtensor_table(vts, pool["page_size"]), Text(""), page_map(vts)]
+def render_snapshot(snap: dict) -> Group:
+    pool, slots = snap["pool"], snap.get("slots", [])
+    engine = snap.get("engine")
+    parts = []
+    if engine:
+        parts.append(Text(f"{engine['model']} · {engine['device']} · {engine['dtype']} · KV layout "
+                          f"{engine['kv_layout']} ({engine['tokens_per_page']} tokens a page per vTensor)",
+                          style="bold"))
+    parts += [pool_table(pool), counters_line(pool, engine)]
+    if slots:
+        parts += [Text(""), slot_table(slots, pool["page_size"]), Text(""), page_map(slots)]
     return Group(*parts)
+
+
+def live_panel(snap: dict) -> Panel:
+    """The compact view the chat shows while a reply streams."""
+    pool, slots = snap["pool"], snap.get("slots", [])
+    used, total = pool["used_pages"], pool["total_pages"] or 1
+    bar_width = 30
+    filled = round(bar_width * used / total)
+    lines = Text()
+    lines.append("pool ")
+    lines.append("█" * filled, style="green")
+    lines.append("·" * (bar_width - filled), style="dim")
+    lines.append(f" {used}/{total} pages ({human_bytes(used * pool['page_size'])})\n")
+    for s in slots:
+        if s["owner"] or s["mapped_pages"]:
+            who = s["owner"] or "idle"
+            lines.append(f"slot {s['slot']:>2} {who[:14]:<14} ")
+            lines.append_text(page_map_row(s, 32))
+            lines.append(f" {s['mapped_pages']}/{s['reserved_pages']} mapped, {s['tokens']} tok\n")
+    return Panel(lines, title="KV memory (vTensors)", title_align="left", border_style="blue")

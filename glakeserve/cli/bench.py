@@ -1,0 +1,193 @@
+"""`glake bench`: offline throughput, comparable with vLLM's benchmark_throughput.
+
+Every request is queued at t=0 (temperature 1, EOS ignored, max_tokens = the sampled output length,
+as vLLM does), the engine runs until all are done, and the figures are printed in vLLM's words plus
+a table of latencies and memory. `--backend hf` runs HF transformers `generate` on the same requests
+as the in-run baseline (left-padded batches, each batch generating its longest output).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from glakeserve.datasets import BenchRequest
+from glakeserve.sampling import SamplingParams
+
+
+@dataclass
+class BenchResult:
+    backend: str
+    elapsed: float
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
+    peak_batch: int = 0
+    pages_mapped: int = 0
+    preemptions: int = 0
+    mapping_waits: int = 0
+    timeline: list[dict] = field(default_factory=list)
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.elapsed
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.elapsed
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("ttft", "tpot", "timeline")}
+        out.update(requests_per_s=self.requests_per_s, total_tokens_per_s=self.total_tokens_per_s,
+                   output_tokens_per_s=self.output_tokens_per_s)
+        for name, values in (("ttft", self.ttft), ("tpot", self.tpot)):
+            for p in (50, 90, 99):
+                out[f"{name}_p{p}_ms"] = float(np.percentile(values, p) * 1e3) if values else None
+        return out
+
+
+def run_glake(llm, reqs: list[BenchRequest], console: Console) -> BenchResult:
+    engine = llm.engine
+    t0 = time.monotonic()
+    for r in reqs:
+        engine.add_request(r.prompt_token_ids,
+                           SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.output_len, ignore_eos=True),
+                           arrival_time=t0)
+    res = BenchResult("glake", 0.0, len(reqs), sum(r.prompt_len for r in reqs), 0)
+    mapped_before = engine.pool.stats().pages_mapped
+    bytes_per_token = engine.kv.bytes_per_token * len(engine.kv.vtensors)
+    page = engine.pool.page_size
+    total_pages = engine.pool.stats().total_pages
+    with _progress(console) as progress:
+        task = progress.add_task("requests", total=len(reqs))
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    progress.advance(task)
+                    res.output_tokens += out.num_output_tokens
+                    if out.metrics.ttft is not None:
+                        res.ttft.append(out.metrics.ttft)
+                    tpot = out.metrics.tpot(out.num_output_tokens)
+                    if tpot is not None:
+                        res.tpot.append(tpot)
+            running = engine.scheduler.running
+            res.peak_batch = max(res.peak_batch, len(running))
+            res.timeline.append({
+                "t": time.monotonic() - t0,
+                "generated": engine.counters["generation_tokens"],
+                "running": len(running),
+                "waiting": len(engine.scheduler.waiting),
+                "mapped_bytes": (total_pages - engine.pool.free_pages()) * page,
+                "reserved_bytes": len(running) * engine.kv.pages_per_slot * len(engine.kv.vtensors) * page,
+                "token_bytes": sum(r.num_computed_tokens for r in running) * bytes_per_token,
+            })
+    res.elapsed = time.monotonic() - t0
+    stats = engine.stats()
+    res.pages_mapped = stats["pool"]["pages_mapped"] - mapped_before
+    res.preemptions = stats["preemptions"]
+    res.mapping_waits = stats["mapping_waits"]
+    return res
+
+
+def run_hf(model, reqs: list[BenchRequest], batch_size: int, pad_id: int, console: Console) -> BenchResult:
+    import torch
+
+    device = next(model.parameters()).device
+    res = BenchResult("hf", 0.0, len(reqs), sum(r.prompt_len for r in reqs), sum(r.output_len for r in reqs))
+    t0 = time.monotonic()
+    with _progress(console) as progress, torch.no_grad():
+        task = progress.add_task("requests (hf)", total=len(reqs))
+        for i in range(0, len(reqs), batch_size):
+            chunk = reqs[i:i + batch_size]
+            longest = max(r.prompt_len for r in chunk)
+            ids = torch.tensor([[pad_id] * (longest - r.prompt_len) + r.prompt_token_ids for r in chunk], device=device)
+            mask = torch.tensor([[0] * (longest - r.prompt_len) + [1] * r.prompt_len for r in chunk], device=device)
+            new = max(r.output_len for r in chunk)
+            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=True,
+                           temperature=1.0, top_p=1.0, top_k=0, pad_token_id=pad_id)
+            progress.advance(task, len(chunk))
+            res.peak_batch = max(res.peak_batch, len(chunk))
+    res.elapsed = time.monotonic() - t0
+    return res
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+def report(res: BenchResult, console: Console) -> None:
+    # vLLM's lines, so scripts that parse them keep working
+    console.print(f"Throughput: {res.requests_per_s:.2f} requests/s, {res.total_tokens_per_s:.2f} total tokens/s, "
+                  f"{res.output_tokens_per_s:.2f} output tokens/s", highlight=False)
+    console.print(f"Total num prompt tokens:  {res.prompt_tokens}", highlight=False)
+    console.print(f"Total num output tokens:  {res.output_tokens}", highlight=False)
+    s = res.summary()
+    t = Table(title=f"glake bench ({res.backend})", title_justify="left")
+    t.add_column("metric")
+    t.add_column("p50", justify="right")
+    t.add_column("p90", justify="right")
+    t.add_column("p99", justify="right")
+    for name in ("ttft", "tpot"):
+        vals = [s[f"{name}_p{p}_ms"] for p in (50, 90, 99)]
+        t.add_row(f"{name.upper()} (ms)", *("-" if v is None else f"{v:.1f}" for v in vals))
+    console.print(t)
+    t2 = Table(show_header=False, box=None)
+    t2.add_row("elapsed", f"{res.elapsed:.2f} s")
+    t2.add_row("peak batch size", str(res.peak_batch))
+    if res.backend == "glake":
+        t2.add_row("KV pages mapped", str(res.pages_mapped))
+        t2.add_row("preemptions", str(res.preemptions))
+        t2.add_row("mapping waits", str(res.mapping_waits))
+    console.print(t2)
+
+
+def write_json(path: str, res: BenchResult, config: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({"config": config, "results": res.summary(), "timeline": res.timeline}, f, indent=2)
+
+
+def plot(path: str, res: BenchResult) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl = res.timeline
+    if len(tl) < 2:
+        raise ValueError("too few steps to plot")
+    t = np.array([p["t"] for p in tl])
+    gen = np.array([p["generated"] for p in tl], dtype=float)
+    window = max(1, len(t) // 50)
+    rate = np.zeros_like(t)
+    rate[window:] = (gen[window:] - gen[:-window]) / np.maximum(t[window:] - t[:-window], 1e-9)
+    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    axes[0].plot(t, rate)
+    axes[0].set_ylabel("output tokens/s")
+    axes[1].plot(t, [p["running"] for p in tl], label="running")
+    axes[1].plot(t, [p["waiting"] for p in tl], label="waiting")
+    axes[1].set_ylabel("requests")
+    axes[1].legend()
+    gib = float(1 << 30)
+    axes[2].plot(t, [p["reserved_bytes"] / gib for p in tl], label="reserved (virtual, running slots)")
+    axes[2].plot(t, [p["mapped_bytes"] / gib for p in tl], label="mapped (physical pages)")
+    axes[2].plot(t, [p["token_bytes"] / gib for p in tl], label="KV the tokens need")
+    axes[2].set_ylabel("KV memory (GiB)")
+    axes[2].set_xlabel("seconds")
+    axes[2].legend()
+    fig.suptitle(f"glake bench: {res.num_requests} requests, {res.total_tokens_per_s:.0f} total tokens/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""`glake serve`: an OpenAI-compatible HTTP server over the engine."""
