@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch
 from glakeserve import vtensor
 from glakeserve.attention import make_backend
 from glakeserve.kv_cache import KVCache, KVLayout
+from glakeserve.kv_paged import PagedKVCache
 from glakeserve.model.loader import ModelSource, load_model, model_config, resolve_model
 from glakeserve.model_runner import ModelRunner
 from glakeserve.request import Request, RequestMetrics, RequestOutput
@@ -93,12 +95,19 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and self.source.dummy_config is None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
-        self.pool = vtensor.PagePool(0, page_size=config.page_size, backend="cuda" if gpu else "host",
-                                     device=self.device.index or 0)
-        self.pool.grow(self._kv_cache_bytes() // self.pool.page_size)
-        self.kv = KVCache(self.pool, cfg, self.dtype, self.max_model_len, num_slots=2 * self.max_num_seqs + 1,
-                          layout=config.kv_layout, lookahead_tokens=config.lookahead_tokens)
-        self.attn = make_backend(config.attention_backend, self.device)
+        layout = KVLayout(config.kv_layout)
+        num_slots = 2 * self.max_num_seqs  # idle slots keep finished requests' pages for reuse
+        if layout is KVLayout.PAGED:
+            self.pool = None
+            self.kv = PagedKVCache(cfg, self.dtype, self.device, self.max_model_len, num_slots,
+                                   self._kv_cache_bytes(self._memory_info()))
+        else:
+            self.pool = vtensor.PagePool(0, page_size=config.page_size, backend="cuda" if gpu else "host",
+                                         device=self.device.index or 0)
+            self.pool.grow(self._kv_cache_bytes(self.pool.memory_info()) // self.pool.page_size)
+            self.kv = KVCache(self.pool, cfg, self.dtype, self.max_model_len, num_slots=num_slots, layout=layout,
+                              lookahead_tokens=config.lookahead_tokens)
+        self.attn = make_backend(config.attention_backend, self.device, cfg.num_kv_heads)
         self.scheduler = Scheduler(self.kv, self.max_num_seqs, self.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv, self.attn, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -106,9 +115,23 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "finished": 0}
 
-    def _kv_cache_bytes(self) -> int:
+    def _memory_info(self) -> tuple[int, int]:
+        """(free, total) bytes of the device's memory."""
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        try:
+            for line in open("/proc/meminfo"):
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return free, total
+
+    def _kv_cache_bytes(self, memory_info: tuple[int, int]) -> int:
         setting = self.config.kv_cache_memory
-        free, total = self.pool.memory_info()
+        free, total = memory_info
         if setting is None:
             if self.device.type == "cuda":
                 return max(0, int(free - max(1 << 30, 0.1 * total)))
@@ -262,7 +285,7 @@ class LLMEngine:
         """Live numbers for the CLI and /metrics: pool, slots, mapping waits, preemptions, queues."""
         self.kv.poll()
         tokens = self.scheduler.tokens_held()
-        pool = self.pool.stats()
+        pool = self.kv.pool_stats()
         return {
             "model": self.model_name,
             "device": str(self.device),
@@ -274,7 +297,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "mapping_waits": self.kv.waits,
             "reclaimed_pages": self.kv.reclaimed_pages,
-            "pool": pool.__dict__,
+            "pool": pool,
             "slots": self.kv.slot_stats(tokens),
             **self.counters,
         }
@@ -282,11 +305,12 @@ class LLMEngine:
     def memory_snapshot(self) -> dict:
         """PagePool.snapshot() plus the slots: what inspect-memory shows."""
         self.kv.poll()
-        snap = self.pool.snapshot()
+        snap = self.kv.snapshot()
         snap["slots"] = self.kv.slot_stats(self.scheduler.tokens_held())
         snap["engine"] = {k: v for k, v in self.stats().items() if k not in ("pool", "slots")}
         return snap
 
     def close(self) -> None:
         self.kv.close()
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()

@@ -28,6 +28,7 @@ from glakeserve.vtensor import MapFuture, PagePool, VTensor
 class KVLayout(str, Enum):
     TOKEN_MAJOR = "token-major"
     PER_LAYER = "per-layer"
+    PAGED = "paged"  # the block-table baseline (kv_paged.py)
 
 
 class KVCacheTooSmallError(ValueError):
@@ -55,6 +56,9 @@ class KVCache:
         self.cfg = cfg
         self.dtype = dtype
         self.layout = KVLayout(layout)
+        if self.layout is KVLayout.PAGED:
+            raise ValueError("the paged layout is kv_paged.PagedKVCache")
+        num_slots += 1  # the last slot pads CUDA-graph batches; requests never get it
         self.max_model_len = max_model_len
         self.num_slots = num_slots
         self.lookahead_tokens = lookahead_tokens
@@ -71,6 +75,7 @@ class KVCache:
         self.pages_per_slot = self.slot_stride // ps
         self.vtensors: list[VTensor] = [pool.reserve(num_slots * self.slot_stride, n) for n in names]
         self.slots = [Slot(i) for i in range(num_slots)]
+        self.block_table = None  # kernels address slots directly
         self._jobs: list[tuple[MapFuture, int]] = []  # map-ahead jobs and the pages each takes
         self.waits = 0
         self.reclaimed_pages = 0
@@ -120,6 +125,13 @@ class KVCache:
     def tokens_per_page(self) -> int:
         return self.pool.page_size // self.bytes_per_token
 
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token over all layers."""
+        return self.bytes_per_token * len(self.vtensors)
+
+    def reserved_pages_per_slot(self) -> int:
+        return self.pages_per_slot * len(self.vtensors)
+
     def _ranges(self, slot: Slot, start: int, stop: int) -> list[tuple[VTensor, int, int]]:
         first = slot.index * self.pages_per_slot + start
         return [(vt, first, stop - start) for vt in self.vtensors]
@@ -129,7 +141,7 @@ class KVCache:
         """An idle slot for a new request: the one whose mapped pages fit `tokens` best (fewest
         spare pages among those that hold them all, else the one holding the most). None if every
         slot is taken."""
-        idle = [s for s in self.slots if s.owner is None]
+        idle = [s for s in self.slots[:-1] if s.owner is None]
         if not idle:
             return None
         need = self.pages_for(tokens)
@@ -137,6 +149,17 @@ class KVCache:
         best = min(fitting, key=lambda s: (s.target, s.index)) if fitting else max(idle, key=lambda s: (s.target, -s.index))
         best.owner = owner
         return best
+
+    def padding_slot(self) -> Slot:
+        """The slot CUDA graphs point their padding rows at: one page mapped, never a request's."""
+        pad = self.slots[-1]
+        if pad.owner is None:
+            pad.owner = "(cuda-graph padding)"
+            assert self.ensure(pad, 1)
+        return pad
+
+    def flush(self) -> None:
+        """Nothing to publish before a step: kernels read slots, not tables."""
 
     def release_slot(self, slot: Slot, keep_pages: bool) -> None:
         """The owner is done. Deferred reclamation: with keep_pages the pages stay mapped for the next
@@ -155,6 +178,15 @@ class KVCache:
     # ----- mapping ----------------------------------------------------------------------------
     def _free_pages(self) -> int:
         return self.pool.free_pages()
+
+    def free_pages(self) -> int:
+        return self.pool.free_pages()
+
+    def pool_stats(self) -> dict:
+        return self.pool.stats().__dict__
+
+    def snapshot(self) -> dict:
+        return self.pool.snapshot()
 
     def _available_pages(self) -> int:
         """Free pages that no queued job will take. Queued pages are counted before free ones are

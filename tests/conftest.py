@@ -1,7 +1,12 @@
+import os
+
 import pytest
 import torch
 
-from glakeserve import vtensor
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU (set before triton.jit)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from glakeserve import vtensor  # noqa: E402
 
 
 def gpu_available() -> bool:

@@ -1,17 +1,38 @@
-"""Attention backends behind one interface (base.py)."""
+"""Attention backends behind one interface (base.py): the torch reference (any device), Triton
+kernels (GPU; also runs in Triton's interpreter on the CPU), and flash-attn where it is importable."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
 from glakeserve.attention.base import AttentionBackend, AttentionMetadata  # noqa: F401
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton", "flash-attn")
 
 
-def make_backend(name: str, device: torch.device) -> AttentionBackend:
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def make_backend(name: str, device: torch.device, kv_heads: int) -> AttentionBackend:
+    """auto: Triton on a GPU, the torch reference on the CPU."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}; got {name!r}")
-    from glakeserve.attention.torch_ref import TorchReferenceBackend
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        from glakeserve.attention.torch_ref import TorchReferenceBackend
 
-    return TorchReferenceBackend()
+        return TorchReferenceBackend()
+    if name == "triton":
+        from glakeserve.attention.triton_backend import TritonBackend
+
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        return TritonBackend(kv_heads, sms)
+    if not flash_attn_available():
+        raise ValueError("the flash-attn backend needs the flash_attn package, which is not installed here")
+    from glakeserve.attention.flash_attn_backend import FlashAttnBackend
+
+    return FlashAttnBackend()

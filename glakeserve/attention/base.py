@@ -28,6 +28,8 @@ class AttentionMetadata:
     slot_ids_host: list[int]
     max_query_len: int
     max_context_len: int
+    block_table: torch.Tensor | None = None  # paged baseline: [rows, blocks]; None for vTensor slots
+    num_splits: int = 1  # decode: programs per sequence and KV head along the context
 
     @property
     def is_decode_only(self) -> bool:
@@ -38,9 +40,13 @@ class AttentionBackend(ABC):
     name: str
 
     def prepare_metadata(self, slot_ids: list[int], query_lens: list[int], context_lens: list[int],
-                         device: torch.device) -> AttentionMetadata:
-        def t(values):
-            return torch.tensor(values, dtype=torch.int64, device=device)
+                         device: torch.device, block_table: torch.Tensor | None = None,
+                         to_device=None) -> AttentionMetadata:
+        """to_device(values, dtype) makes a device tensor (the GPU runner stages through pinned
+        memory so that nothing waits); by default, torch.tensor."""
+        if to_device is None:
+            def to_device(values, dtype):
+                return torch.tensor(values, dtype=dtype, device=device)
 
         starts = [0]
         for n in query_lens:
@@ -49,12 +55,20 @@ class AttentionBackend(ABC):
         for slot, n, ctx in zip(slot_ids, query_lens, context_lens):
             token_slots += [slot] * n
             positions += range(ctx - n, ctx)
+        i64 = torch.int64
         return AttentionMetadata(
-            slot_ids=t(slot_ids), query_lens=t(query_lens), context_lens=t(context_lens), query_start=t(starts),
-            token_slots=t(token_slots), positions=t(positions), query_lens_host=list(query_lens),
-            context_lens_host=list(context_lens), slot_ids_host=list(slot_ids),
-            max_query_len=max(query_lens), max_context_len=max(context_lens),
+            slot_ids=to_device(slot_ids, i64), query_lens=to_device(query_lens, i64),
+            context_lens=to_device(context_lens, i64), query_start=to_device(starts, i64),
+            token_slots=to_device(token_slots, i64), positions=to_device(positions, i64),
+            query_lens_host=list(query_lens), context_lens_host=list(context_lens), slot_ids_host=list(slot_ids),
+            max_query_len=max(query_lens), max_context_len=max(context_lens), block_table=block_table,
+            num_splits=self.decode_splits(len(slot_ids), max(context_lens)),
         )
+
+    def decode_splits(self, batch: int, max_context: int) -> int:
+        return 1
+
+    supports_cuda_graphs = False
 
     @abstractmethod
     def store_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

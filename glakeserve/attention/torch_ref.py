@@ -12,8 +12,22 @@ class TorchReferenceBackend(AttentionBackend):
     name = "torch"
 
     def store_kv(self, k_cache, v_cache, k, v, meta: AttentionMetadata) -> None:
-        k_cache[meta.token_slots, meta.positions] = k
-        v_cache[meta.token_slots, meta.positions] = v
+        if meta.block_table is None:
+            k_cache[meta.token_slots, meta.positions] = k
+            v_cache[meta.token_slots, meta.positions] = v
+            return
+        page = k_cache.shape[1]  # paged: token p of row r is in block table[r, p // page], at p % page
+        blocks = meta.block_table[meta.token_slots, meta.positions // page].long()
+        k_cache[blocks, meta.positions % page] = k
+        v_cache[blocks, meta.positions % page] = v
+
+    @staticmethod
+    def _sequence(cache, slot, ctx, block_table):
+        """[ctx, KVH, D] of one slot or block-table row."""
+        if block_table is None:
+            return cache[slot, :ctx]
+        page = cache.shape[1]
+        return cache[block_table[slot, : -(-ctx // page)].long()].flatten(0, 1)[:ctx]
 
     def forward(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -21,8 +35,8 @@ class TorchReferenceBackend(AttentionBackend):
         start = 0
         for slot, n, ctx in zip(meta.slot_ids_host, meta.query_lens_host, meta.context_lens_host):
             qi = q[start:start + n].transpose(0, 1)  # [H, n, D]
-            k = k_cache[slot, :ctx].transpose(0, 1)  # [KVH, ctx, D]
-            v = v_cache[slot, :ctx].transpose(0, 1)
+            k = self._sequence(k_cache, slot, ctx, meta.block_table).transpose(0, 1)  # [KVH, ctx, D]
+            v = self._sequence(v_cache, slot, ctx, meta.block_table).transpose(0, 1)
             gqa = heads != kv_heads
             if n == 1:  # grouped matmuls: 2-3x faster than SDPA for one query on the CPU
                 group = heads // kv_heads

@@ -66,10 +66,10 @@ def run_glake(llm, reqs: list[BenchRequest], console: Console) -> BenchResult:
                            SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.output_len, ignore_eos=True),
                            arrival_time=t0)
     res = BenchResult("glake", 0.0, len(reqs), sum(r.prompt_len for r in reqs), 0)
-    mapped_before = engine.pool.stats().pages_mapped
-    bytes_per_token = engine.kv.bytes_per_token * len(engine.kv.vtensors)
-    page = engine.pool.page_size
-    total_pages = engine.pool.stats().total_pages
+    kv = engine.kv
+    pool = kv.pool_stats()
+    mapped_before, page, total_pages = pool["pages_mapped"], pool["page_size"], pool["total_pages"]
+    bytes_per_token, reserved_per_slot = kv.kv_bytes_per_token(), kv.reserved_pages_per_slot()
     with _progress(console) as progress:
         task = progress.add_task("requests", total=len(reqs))
         while engine.has_unfinished_requests():
@@ -89,8 +89,8 @@ def run_glake(llm, reqs: list[BenchRequest], console: Console) -> BenchResult:
                 "generated": engine.counters["generation_tokens"],
                 "running": len(running),
                 "waiting": len(engine.scheduler.waiting),
-                "mapped_bytes": (total_pages - engine.pool.free_pages()) * page,
-                "reserved_bytes": len(running) * engine.kv.pages_per_slot * len(engine.kv.vtensors) * page,
+                "mapped_bytes": (total_pages - kv.free_pages()) * page,
+                "reserved_bytes": len(running) * reserved_per_slot * page,
                 "token_bytes": sum(r.num_computed_tokens for r in running) * bytes_per_token,
             })
     res.elapsed = time.monotonic() - t0

@@ -1,0 +1,33 @@
+"""The GPU backend: Triton kernels (triton_ops.py) over vTensor slots or, for the paged baseline,
+through the block table. Decode-only batches take the split-K decode kernel with a grid that
+depends on the batch size alone, so a CUDA graph can hold it."""
+
+from __future__ import annotations
+
+import torch
+
+from glakeserve.attention import triton_ops as ops
+from glakeserve.attention.base import AttentionBackend, AttentionMetadata
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self, kv_heads: int, sms: int = 132):
+        self.kv_heads = kv_heads
+        self.sms = sms
+
+    def decode_splits(self, batch: int, max_context: int) -> int:
+        # about two waves of programs over the GPU, whatever the context (a graph cannot know it)
+        return max(1, min(16, -(-2 * self.sms // max(1, batch * self.kv_heads))))
+
+    def store_kv(self, k_cache, v_cache, k, v, meta: AttentionMetadata) -> None:
+        ops.store_kv(k, v, k_cache, v_cache, meta.token_slots, meta.positions, block_table=meta.block_table)
+
+    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.is_decode_only:
+            return ops.decode_attention(q, k_cache, v_cache, meta.slot_ids, meta.context_lens, meta.num_splits,
+                                        block_table=meta.block_table)
+        return ops.extend_attention(q, k_cache, v_cache, meta.slot_ids, meta.query_start, meta.query_lens,
+                                    meta.context_lens, meta.max_query_len, block_table=meta.block_table)
