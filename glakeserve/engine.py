@@ -42,7 +42,9 @@ class EngineConfig:
     kv_layout: str = KVLayout.TOKEN_MAJOR.value
     page_size: int | None = None
     lookahead_tokens: int = 64
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"  # auto: triton on a GPU, torch on the CPU
+    enforce_eager: bool = False  # no CUDA graphs
+    cuda_graph_max_batch: int = 256  # decode batches up to this size replay CUDA graphs
     check_integrity: bool = False  # check the KV cache's books after every step (tests)
 
 
@@ -109,7 +111,8 @@ class LLMEngine:
                               lookahead_tokens=config.lookahead_tokens)
         self.attn = make_backend(config.attention_backend, self.device, cfg.num_kv_heads)
         self.scheduler = Scheduler(self.kv, self.max_num_seqs, self.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv, self.attn, self.eos_token_ids)
+        graphs = 0 if config.enforce_eager else min(config.cuda_graph_max_batch, self.max_num_seqs)
+        self.runner = ModelRunner(self.model, self.kv, self.attn, self.eos_token_ids, cuda_graph_max_batch=graphs)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
@@ -175,8 +178,10 @@ class LLMEngine:
         return text, ids
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None) -> str:
-        """Validates and queues one request; raises ValueError (and changes nothing) when it is bad."""
+                    request_id: str | None = None, arrival_time: float | None = None, stream: bool = True) -> str:
+        """Validates and queues one request; raises ValueError (and changes nothing) when it is bad.
+        stream: step() returns an output for it every step, with the new text; else only at the end
+        (cheaper: the text is decoded once)."""
         params = params or SamplingParams()
         text, ids = self.validate_request(prompt, params)
         request_id = request_id if request_id is not None else str(next(self._ids))
@@ -187,7 +192,7 @@ class LLMEngine:
             request_id=request_id, prompt_token_ids=ids, params=params,
             seed=params.seed if params.seed is not None else self._rng.getrandbits(62),
             metrics=RequestMetrics(arrival_time if arrival_time is not None else time.monotonic()),
-            max_tokens=min(params.max_tokens or room, room), prompt=text,
+            max_tokens=min(params.max_tokens or room, room), prompt=text, stream=stream,
             prefix_offset=max(0, len(ids) - 5), read_offset=len(ids),
         )
         self.requests[request_id] = req
@@ -233,13 +238,17 @@ class LLMEngine:
                 req.metrics.first_token_time = now
                 self.counters["prompt_tokens"] += len(req.prompt_token_ids)
             before = len(req.text)
-            if self.tokenizer is not None:
+            incremental = req.stream or bool(req.params.stop)
+            if self.tokenizer is not None and incremental:
                 new, req.prefix_offset, req.read_offset = detokenize_step(
                     self.tokenizer, req.all_token_ids, req.prefix_offset, req.read_offset,
                     req.params.skip_special_tokens)
                 req.text += new
             self._check_stop(req, token, before)
-            outputs.append(self._output(req, None, [token]))
+            if req.finished and self.tokenizer is not None and not incremental:
+                req.text = self.tokenizer.decode(req.output_token_ids, req.params.skip_special_tokens)
+            if req.stream or req.finished:
+                outputs.append(self._output(req, None, [token]))
             if req.finished:
                 self.requests.pop(req.request_id, None)
                 self.counters["finished"] += 1

@@ -25,7 +25,7 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def _submit(self, prompts: Prompt | Sequence[Prompt], params) -> list[str]:
+    def _submit(self, prompts: Prompt | Sequence[Prompt], params, stream: bool = False) -> list[str]:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -41,7 +41,7 @@ class LLM:
                 self.engine.validate_request(p, sp)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        return [self.engine.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        return [self.engine.add_request(p, sp, stream=stream) for p, sp in zip(prompts, plist)]
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params=None) -> list[RequestOutput]:
         """Runs prompts to completion; outputs in the order of the prompts."""
@@ -58,7 +58,7 @@ class LLM:
     def generate_stream(self, prompts: Prompt | Sequence[Prompt], sampling_params=None) -> Iterator[RequestOutput]:
         """Yields a RequestOutput per request per step with its new text in `delta_text`. Closing
         the iterator early aborts what is left, freeing its memory at once."""
-        ids = self._submit(prompts, sampling_params)
+        ids = self._submit(prompts, sampling_params, stream=True)
         pending = set(ids)
         try:
             while pending:

@@ -41,6 +41,7 @@ class Request:
     metrics: RequestMetrics
     max_tokens: int  # output limit after max_model_len is taken into account
     prompt: str | None = None
+    stream: bool = False  # outputs every step, with incremental text; else one output at the end
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
@@ -62,6 +63,15 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids(self, start: int, n: int) -> list[int]:
+        """Tokens [start, start + n) of prompt + output, without copying the whole sequence."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p:start - p + n]
+        if start + n <= p:
+            return self.prompt_token_ids[start:start + n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: start + n - p]
 
     @property
     def finished(self) -> bool:

@@ -141,19 +141,19 @@ def _apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> None:
         logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
 
 
-def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def _filter(logits: torch.Tensor, params: list[SamplingParams], to_device) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p for the rows that sample; -inf where a token is cut."""
-    dev = logits.device
-    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
-    logits = logits / temps[:, None]
+    if any(p.temperature not in (0.0, 1.0) for p in params):
+        temps = to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32)
+        logits = logits / temps[:, None]
     V = logits.shape[1]
     top_ks = [p.top_k if p.top_k > 0 else V for p in params]
     if any(k < V for k in top_ks):
-        k = torch.tensor(top_ks, device=dev)
+        k = to_device(top_ks, torch.int64)
         kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if any(p.top_p < 1.0 for p in params):
-        top_p = torch.tensor([p.top_p for p in params], device=dev)
+        top_p = to_device([p.top_p for p in params], torch.float32)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
@@ -161,28 +161,35 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         cut = torch.zeros_like(cut_sorted).scatter(1, order, cut_sorted)
         logits = logits.masked_fill(cut, float("-inf"))
     if any(p.min_p > 0.0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=dev)
+        min_p = to_device([p.min_p for p in params], torch.float32)
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     return logits
 
 
-def sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-    """logits [batch, vocab] float32 -> token ids [batch] (int64, on the logits' device)."""
-    logits = logits.clone()
-    if any(p.uses_penalties for p in b.params):
-        _apply_penalties(logits, b)
-    for i, banned in enumerate(b.banned):
-        if banned:
-            logits[i, banned] = float("-inf")
+def sample(logits: torch.Tensor, b: SamplingBatch, to_device=None) -> torch.Tensor:
+    """logits [batch, vocab] float32 -> token ids [batch] (int64, on the logits' device).
+    to_device(values, dtype) makes the small per-request tensors (the GPU runner stages them so
+    that nothing waits); by default, torch.tensor."""
+    dev = logits.device
+    if to_device is None:
+        def to_device(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+    if any(p.uses_penalties for p in b.params) or any(b.banned):
+        logits = logits.clone()
+        if any(p.uses_penalties for p in b.params):
+            _apply_penalties(logits, b)
+        for i, banned in enumerate(b.banned):
+            if banned:
+                logits[i, banned] = float("-inf")
     greedy_ids = logits.argmax(dim=-1)
     if all(p.greedy for p in b.params):
         return greedy_ids
-    probs = _filter(logits, b.params).softmax(dim=-1)
-    dev = logits.device
-    u = uniform_noise(torch.tensor(b.seeds, device=dev, dtype=torch.int64),
-                      torch.tensor(b.steps, device=dev, dtype=torch.int64), logits.shape[1])
+    probs = _filter(logits, b.params, to_device).softmax(dim=-1)
+    u = uniform_noise(to_device(b.seeds, torch.int64), to_device(b.steps, torch.int64), logits.shape[1])
     # exponential race: argmax p / E with E ~ Exp(1) picks token v with probability p_v
     sampled = (probs / -torch.log(u)).argmax(dim=-1)
-    greedy = torch.tensor([p.greedy for p in b.params], device=dev)
-    return torch.where(greedy, greedy_ids, sampled)
+    if not any(p.greedy for p in b.params):
+        return sampled
+    return torch.where(to_device([p.greedy for p in b.params], torch.bool), greedy_ids, sampled)

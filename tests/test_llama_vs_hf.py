@@ -24,10 +24,11 @@ def tiny(request, tmp_path_factory):
     return path, LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("layout", ["token-major", "per-layer"])
-def test_logits_match_hf(tiny, layout):
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: its interpreter on the CPU
+@pytest.mark.parametrize("layout", ["token-major", "per-layer", "paged"])
+def test_logits_match_hf(tiny, layout, backend):
     path, hf = tiny
-    runner = DirectRunner(path, layout)
+    runner = DirectRunner(path, layout, backend=backend)
     try:
         seqs = [torch.randint(3, 257, (n,)).tolist() for n in (37, 5, 90)]
         with torch.no_grad():

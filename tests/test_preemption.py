@@ -18,13 +18,15 @@ PROMPTS = [
 
 # page size and a pool too small for all six requests at once, per layout: token-major pages hold
 # whole tokens (5 a page here), per-layer pages hold 21 tokens of one layer's K or V
-GEOMETRY = {"token-major": (256 << 10, 24), "per-layer": (16 << 10, 600)}
+GEOMETRY = {"token-major": (256 << 10, 24), "per-layer": (16 << 10, 600),
+            "paged": (30 * 2 * 16 * 3 * 64 * 4, 12)}  # paged: blocks of 16 tokens (all layers' K and V)
 
 
 def run(layout: str, pages: int, params: SamplingParams) -> tuple[list[list[int]], dict]:
     page_size = GEOMETRY[layout][0]
     engine = LLMEngine(EngineConfig(max_model_len=128, max_num_seqs=6, max_num_batched_tokens=64,
-                                    kv_cache_memory=pages * page_size, page_size=page_size, kv_layout=layout,
+                                    kv_cache_memory=pages * page_size, kv_layout=layout,
+                                    page_size=None if layout == "paged" else page_size,
                                     check_integrity=True))
     ids = [engine.add_request(p, params) for p in PROMPTS]
     done = {}
@@ -37,7 +39,8 @@ def run(layout: str, pages: int, params: SamplingParams) -> tuple[list[list[int]
     return [done[i] for i in ids], stats
 
 
-@pytest.mark.parametrize("layout,temperature", [("token-major", 0.0), ("per-layer", 0.0), ("token-major", 0.8)])
+@pytest.mark.parametrize("layout,temperature", [("token-major", 0.0), ("per-layer", 0.0), ("paged", 0.0),
+                                                ("token-major", 0.8)])
 def test_outputs_survive_preemption(layout, temperature):
     params = SamplingParams(temperature=temperature, seed=1234, max_tokens=32, ignore_eos=True)
     free, _ = run(layout, 10_000, params)

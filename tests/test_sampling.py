@@ -174,10 +174,14 @@ def test_incremental_detokenization_of_multibyte_text(smol_llm):
 def test_streaming_deltas_add_up_and_closing_aborts(smol_llm):
     p = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     texts = {}
+    finals = []
     for out in smol_llm.generate_stream(["Once upon a time", "Hello"], p):
         texts[out.request_id] = texts.get(out.request_id, "") + out.delta_text
         if out.finished:
             assert texts[out.request_id] == out.text
+            finals.append(out.text)
+    # without streaming the text is decoded once at the end: the same text
+    assert sorted(o.text for o in smol_llm.generate(["Once upon a time", "Hello"], p)) == sorted(finals)
     free_before = smol_llm.engine.pool.stats().free_pages
     stream = smol_llm.generate_stream(["A long story:"], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
     for i, _ in enumerate(stream):

@@ -64,7 +64,7 @@ def run_glake(llm, reqs: list[BenchRequest], console: Console) -> BenchResult:
     for r in reqs:
         engine.add_request(r.prompt_token_ids,
                            SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.output_len, ignore_eos=True),
-                           arrival_time=t0)
+                           arrival_time=t0, stream=False)
     res = BenchResult("glake", 0.0, len(reqs), sum(r.prompt_len for r in reqs), 0)
     kv = engine.kv
     pool = kv.pool_stats()

@@ -124,7 +124,10 @@ def _offline_hf_snapshot(repo_id: str) -> Path | None:
 
 
 def _default_tokenizer_dir() -> Path | None:
-    """Dummy models borrow SmolLM2's tokenizer (text in, token ids out); None where it is missing."""
+    """Dummy models borrow SmolLM2's tokenizer (text in, token ids out): GLAKE_TOKENIZER_DIR, else
+    the converted default model's; None where neither is here."""
+    if os.environ.get("GLAKE_TOKENIZER_DIR"):
+        return Path(os.environ["GLAKE_TOKENIZER_DIR"])
     try:
         return converted_gguf_dir(default_gguf_path())
     except Exception:

@@ -100,7 +100,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             raise ApiError(400, str(e), param="messages") from None
         ids = validate(ids, params)
         rid = P.new_id("chatcmpl")
-        gen = engine.generate(ids, params, rid)
+        gen = engine.generate(ids, params, rid, stream=bool(body.get("stream")))
         model = served_model_name
         if not body.get("stream"):
             out = await wait_final(request, gen)
@@ -133,7 +133,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         params = P.sampling_params(body, default_max_tokens=16)
         ids = [validate(p, params) for p in prompts]
         rid = P.new_id("cmpl")
-        gens = [engine.generate(i, params, f"{rid}-{n}") for n, i in enumerate(ids)]
+        gens = [engine.generate(i, params, f"{rid}-{n}", stream=bool(body.get("stream"))) for n, i in enumerate(ids)]
         model = served_model_name
         if not body.get("stream"):
             outs = await asyncio.gather(*(wait_final(request, g) for g in gens))

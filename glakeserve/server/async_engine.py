@@ -29,7 +29,7 @@ class AsyncEngine:
         self.dead: str | None = None
         self._cv = threading.Condition()  # guards the hand-off queues and streams; never held over a step
         self._engine_lock = threading.Lock()  # held over a step, and by call()
-        self._adds: deque[tuple[str, list[int], SamplingParams]] = deque()
+        self._adds: deque[tuple[str, list[int], SamplingParams, bool]] = deque()
         self._aborts: deque[str] = deque()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
@@ -40,16 +40,17 @@ class AsyncEngine:
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         return self.engine.validate_request(prompt, params)[1]
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request, step by step; leaving the iterator early aborts the request."""
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                       stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request, step by step (or only the last, unless stream); leaving the
+        iterator early aborts the request."""
         if self.dead:
             raise EngineDeadError(self.dead)
         rid = request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         with self._cv:
             self._streams[rid] = (asyncio.get_running_loop(), queue)
-            self._adds.append((rid, prompt_ids, params))
+            self._adds.append((rid, prompt_ids, params, stream))
             self._cv.notify()
         finished = False
         try:
@@ -105,9 +106,9 @@ class AsyncEngine:
                 with self._engine_lock:
                     for rid in aborts:
                         engine.abort_request(rid)
-                    for rid, ids, params in adds:
+                    for rid, ids, params, stream in adds:
                         try:
-                            engine.add_request(ids, params, request_id=rid)
+                            engine.add_request(ids, params, request_id=rid, stream=stream)
                         except ValueError as e:
                             self._deliver(rid, e)
                     outputs = engine.step() if engine.has_unfinished_requests() else []
