@@ -31,6 +31,16 @@ for stage in $stages; do
         tests/test_async_mapper.py tests/test_vtensor_model.py
       run bench_vmm $PY benchmarks/vmm_ops.py --page-sizes 2,8,32,1024 --json "$OUT/vmm_ops.json"
       ;;
+    gpu-tests)  # every gpu-marked test whose module imports nothing the GPU image lacks
+      run test_gpu $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_vtensor.py tests/test_vtensor_errors.py \
+        tests/test_async_mapper.py tests/test_triton_kernels.py tests/test_gpu_engine.py
+      ;;
+    kernels)
+      run bench_kernels $PY benchmarks/kernels.py --json "$OUT/kernels.json"
+      ;;
+    engine)
+      run bench_engine $PY benchmarks/engine_gpu.py --json "$OUT/engine_gpu.json" ${ENGINE_ARGS:-}
+      ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done

@@ -41,16 +41,20 @@ def save_tiny_hf_llama(path: Path, *, heads=4, kv_heads=2, hidden=64, layers=2, 
 class DirectRunner:
     """Our model + a KV cache on a host pool, driven by hand (no scheduler)."""
 
-    def __init__(self, path: Path, layout: str, max_len: int = 256, slots: int = 4, backend: str = "torch"):
+    def __init__(self, path: Path, layout: str, max_len: int = 256, slots: int = 4, backend: str = "torch",
+                 device: str = "cpu"):
         self.cfg = config_from_hf(path / "config.json")
-        cpu = torch.device("cpu")
-        self.model = load_hf_weights(path, self.cfg, torch.float32, cpu, max_len)
-        self.pool = PagePool(256, page_size=16384, backend="host")
+        self.device = dev = torch.device(device)
+        self.model = load_hf_weights(path, self.cfg, torch.float32, dev, max_len)
+        if dev.type == "cuda":
+            self.pool = PagePool(64, backend="cuda")
+        else:
+            self.pool = PagePool(256, page_size=16384, backend="host")
         if layout == "paged":
-            self.kv = PagedKVCache(self.cfg, torch.float32, cpu, max_len, slots, memory_bytes=4 << 20)
+            self.kv = PagedKVCache(self.cfg, torch.float32, dev, max_len, slots, memory_bytes=4 << 20)
         else:
             self.kv = KVCache(self.pool, self.cfg, torch.float32, max_len, slots, layout=layout)
-        self.attn = make_backend(backend, cpu, self.cfg.num_kv_heads)
+        self.attn = make_backend(backend, dev, self.cfg.num_kv_heads)
 
     @torch.inference_mode()
     def run(self, chunks: list[tuple[int, list[int]]], done: dict[int, int]) -> list[torch.Tensor]:
@@ -63,8 +67,9 @@ class DirectRunner:
             slot = self.kv.slots[s]
             slot.owner = slot.owner or f"sequence-in-slot-{s}"
             assert self.kv.ensure(slot, c)
-        meta = self.attn.prepare_metadata(slots, qlens, ctxs, torch.device("cpu"), block_table=self.kv.block_table)
-        ids = torch.tensor([t for _, toks in chunks for t in toks])
+        self.kv.flush()
+        meta = self.attn.prepare_metadata(slots, qlens, ctxs, self.device, block_table=self.kv.block_table)
+        ids = torch.tensor([t for _, toks in chunks for t in toks], device=self.device)
         logits = self.model.logits(self.model.forward(ids, meta.positions, self.kv, self.attn, meta))
         for s, c in zip(slots, ctxs):
             done[s] = c

@@ -1,0 +1,148 @@
+"""Attention kernels on the GPU, each beside its same-run ceiling or baseline:
+
+  decode   achieved GB/s (K and V bytes read) against the device's copy bandwidth measured here;
+           Llama-2-7B (32 KV heads) and Llama-3-8B (8 KV heads) head shapes, batch 1..256, context
+           512..8192; vTensor caches in both layouts (real VMM memory, mapped) and the paged baseline
+  prefill  TFLOP/s of our extend kernel against torch's scaled_dot_product_attention (causal)
+
+    python benchmarks/kernels.py [--json out.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import torch
+import triton
+
+from glakeserve.attention import triton_ops as ops
+from glakeserve.kv_cache import KVCache
+from glakeserve.model.config import DUMMY_SHAPES
+from glakeserve.vtensor import PagePool
+
+HEADS = {"llama-2-7b": DUMMY_SHAPES["llama-2-7b"], "llama-3-8b": DUMMY_SHAPES["llama-3-8b"]}
+MAX_BYTES = 36 << 30  # skip points whose cache would not fit beside everything else
+
+
+def bench(fn) -> float:
+    """Median seconds of fn, CUDA-event timed after warm-up (triton's do_bench)."""
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") / 1e3
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * a.numel() / bench(lambda: b.copy_(a)) / 1e9
+
+
+def vtensor_caches(cfg, layout, batch, ctx):
+    """K/V views of layer 0 over real mapped VMM pages; per-layer needs only layer 0's vTensors, so
+    it is built for a one-layer model; token-major keeps every layer (the stride depends on it)."""
+    from dataclasses import replace
+
+    c = cfg if layout == "token-major" else replace(cfg, num_layers=1)
+    need = batch * ctx * c.kv_bytes_per_token * 2  # bf16
+    pool = PagePool(nbytes=need + (batch + 2) * (2 << 20) * (1 if layout == "token-major" else 2), backend="cuda")
+    kv = KVCache(pool, c, torch.bfloat16, ctx, batch, layout=layout)
+    for i in range(batch):
+        s = kv.acquire_slot(f"r{i}", ctx)
+        assert kv.ensure(s, ctx)
+    k, v = kv.k_cache(0), kv.v_cache(0)
+    k.normal_()
+    v.normal_()
+    return (k, v, None), (kv, pool)
+
+
+def paged_caches(cfg, batch, ctx):
+    blocks = batch * ctx // 16
+    shape = (blocks, 16, cfg.num_kv_heads, cfg.head_dim)
+    k = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    table = torch.randperm(blocks, device="cuda").view(batch, ctx // 16).to(torch.int32)
+    return (k, v, table), None
+
+
+def decode_point(cfg, layout, batch, ctx, splits_for) -> dict | None:
+    kv_bytes = batch * ctx * 2 * cfg.num_kv_heads * cfg.head_dim * 2  # K and V of one layer, bf16
+    alloc = batch * ctx * (cfg.kv_bytes_per_token * 2 if layout == "token-major" else 2 * cfg.num_kv_heads
+                           * cfg.head_dim * 2)
+    if alloc > MAX_BYTES:
+        return None
+    (k, v, table), owner = paged_caches(cfg, batch, ctx) if layout == "paged" else vtensor_caches(cfg, layout, batch,
+                                                                                                     ctx)
+    q = torch.randn(batch, cfg.num_heads, cfg.head_dim, dtype=torch.bfloat16, device="cuda")
+    slots = torch.arange(batch, device="cuda")
+    lens = torch.full((batch,), ctx, device="cuda")
+    splits = splits_for(batch)
+    scratch = ops.decode_scratch(batch, cfg.num_heads, cfg.head_dim, splits, "cuda")
+    out = torch.empty_like(q)
+    t = bench(lambda: ops.decode_attention(q, k, v, slots, lens, splits, out=out, scratch=scratch, block_table=table))
+    if owner is not None:
+        owner[0].close()
+        owner[1].close()
+    del k, v, table
+    torch.cuda.empty_cache()
+    return {"layout": layout, "batch": batch, "context": ctx, "splits": splits, "us": t * 1e6,
+            "GBps": kv_bytes / t / 1e9}
+
+
+def prefill_point(batch, heads, kv_heads, seq, dim=128) -> dict:
+    q = torch.randn(batch * seq, heads, dim, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(batch, seq, kv_heads, dim, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    lens = torch.full((batch,), seq, device="cuda")
+    starts = torch.arange(0, batch * seq + 1, seq, device="cuda")
+    slots = torch.arange(batch, device="cuda")
+    ours = bench(lambda: ops.extend_attention(q, k, v, slots, starts, lens, lens, seq))
+    # SDPA on K/V expanded to every head: the flash path, its fastest (GQA would fall back)
+    qs = q.view(batch, seq, heads, dim).transpose(1, 2)
+    ks = k.repeat_interleave(heads // kv_heads, dim=2).transpose(1, 2)
+    vs = v.repeat_interleave(heads // kv_heads, dim=2).transpose(1, 2)
+    sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
+    flops = 4 * batch * heads * seq * seq * dim / 2  # causal: half the score matrix
+    return {"batch": batch, "heads": heads, "kv_heads": kv_heads, "seq": seq, "ours_TFLOPs": flops / ours / 1e12,
+            "sdpa_TFLOPs": flops / sdpa / 1e12, "ratio": sdpa / ours}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="only the headline points")
+    args = ap.parse_args()
+    random.seed(0)
+    torch.manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    result = {"device": torch.cuda.get_device_name(), "copy_GBps": copy_bandwidth(), "decode": {}, "prefill": []}
+    print(f"copy bandwidth (read + write): {result['copy_GBps']:.0f} GB/s", flush=True)
+    batches = [64] if args.quick else [1, 16, 64, 256]
+    contexts = [4096] if args.quick else [512, 2048, 4096, 8192]
+    for name, cfg in HEADS.items():
+        def splits_for(b, kvh=cfg.num_kv_heads):
+            return max(1, min(16, -(-2 * sms // (b * kvh))))
+
+        rows = []
+        for layout in ("per-layer", "token-major", "paged"):
+            for b in batches:
+                for ctx in contexts:
+                    r = decode_point(cfg, layout, b, ctx, splits_for)
+                    if r is None:
+                        continue
+                    r["of_copy"] = r["GBps"] / result["copy_GBps"]
+                    rows.append(r)
+                    print(f"decode {name:10s} {layout:11s} B={b:<3d} ctx={ctx:<5d} {r['us']:8.1f} us "
+                          f"{r['GBps']:7.0f} GB/s ({100 * r['of_copy']:.0f}% of copy)", flush=True)
+        result["decode"][name] = rows
+    for b, h, kvh, s in [(8, 32, 32, 2048), (8, 32, 8, 2048), (2, 32, 8, 8192)]:
+        r = prefill_point(b, h, kvh, s)
+        result["prefill"].append(r)
+        print(f"prefill B={b} H={h} KVH={kvh} S={s}: ours {r['ours_TFLOPs']:.0f} TFLOP/s, SDPA "
+              f"{r['sdpa_TFLOPs']:.0f} TFLOP/s ({100 * r['ours_TFLOPs'] / r['sdpa_TFLOPs']:.0f}%)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
