@@ -179,7 +179,7 @@ def main() -> None:
         result["throughput"].append(r)
         print(f"{name} {layout}: {r['requests_per_s']:.2f} req/s, {r['total_tokens_per_s']:.0f} total tok/s, "
               f"{r['output_tokens_per_s']:.0f} output tok/s, peak batch {r['peak_batch']}, "
-              f"preemptions {r['preemptions']}, waits {r['mapping_waits']}", flush=True)
+              f"preemptions {r['preemptions']}, waits {r['mapping_waits']}, steps {r['step_paths']}", flush=True)
         save()
     if "overlap" not in skip:
         result["overlap"] = overlap("llama-3-8b")

@@ -50,8 +50,8 @@ def vtensor_caches(cfg, layout, batch, ctx):
         s = kv.acquire_slot(f"r{i}", ctx)
         assert kv.ensure(s, ctx)
     k, v = kv.k_cache(0), kv.v_cache(0)
-    k.normal_()
-    v.normal_()
+    k[:batch, :ctx].normal_()  # only the mapped part: the padding slot's pages are not (an illegal address)
+    v[:batch, :ctx].normal_()
     return (k, v, None), (kv, pool)
 
 
@@ -88,14 +88,29 @@ def decode_point(cfg, layout, batch, ctx, splits_for) -> dict | None:
             "GBps": kv_bytes / t / 1e9}
 
 
-def prefill_point(batch, heads, kv_heads, seq, dim=128) -> dict:
+PREFILL_CONFIGS = [  # (block_m, block_n, num_warps, num_stages)
+    (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+    (128, 32, 4, 4), (128, 64, 8, 4)]
+
+
+def prefill_point(batch, heads, kv_heads, seq, dim=128, sweep=False) -> dict:
     q = torch.randn(batch * seq, heads, dim, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(batch, seq, kv_heads, dim, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
     lens = torch.full((batch,), seq, device="cuda")
     starts = torch.arange(0, batch * seq + 1, seq, device="cuda")
     slots = torch.arange(batch, device="cuda")
-    ours = bench(lambda: ops.extend_attention(q, k, v, slots, starts, lens, lens, seq))
+    configs = PREFILL_CONFIGS if sweep else PREFILL_CONFIGS[:1]
+    times = {}
+    for bm, bn, w, st in configs:
+        try:
+            times[(bm, bn, w, st)] = bench(lambda: ops.extend_attention(q, k, v, slots, starts, lens, lens, seq,
+                                                                        block_m=bm, block_n=bn, num_warps=w,
+                                                                        num_stages=st))
+        except Exception as e:  # a config that does not fit (shared memory): skip it
+            print(f"  config {(bm, bn, w, st)} failed: {type(e).__name__}", flush=True)
+    best = min(times, key=times.get)
+    ours = times[best]
     # SDPA on K/V expanded to every head: the flash path, its fastest (GQA would fall back)
     qs = q.view(batch, seq, heads, dim).transpose(1, 2)
     ks = k.repeat_interleave(heads // kv_heads, dim=2).transpose(1, 2)
@@ -103,13 +118,16 @@ def prefill_point(batch, heads, kv_heads, seq, dim=128) -> dict:
     sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
     flops = 4 * batch * heads * seq * seq * dim / 2  # causal: half the score matrix
     return {"batch": batch, "heads": heads, "kv_heads": kv_heads, "seq": seq, "ours_TFLOPs": flops / ours / 1e12,
-            "sdpa_TFLOPs": flops / sdpa / 1e12, "ratio": sdpa / ours}
+            "sdpa_TFLOPs": flops / sdpa / 1e12, "ratio": sdpa / ours, "config": list(best),
+            "all_configs_TFLOPs": {str(c): flops / t / 1e12 for c, t in times.items()}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="only the headline points")
+    ap.add_argument("--prefill-only", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="try several prefill tile configurations")
     args = ap.parse_args()
     random.seed(0)
     torch.manual_seed(0)
@@ -118,7 +136,7 @@ def main() -> None:
     print(f"copy bandwidth (read + write): {result['copy_GBps']:.0f} GB/s", flush=True)
     batches = [64] if args.quick else [1, 16, 64, 256]
     contexts = [4096] if args.quick else [512, 2048, 4096, 8192]
-    for name, cfg in HEADS.items():
+    for name, cfg in ({} if args.prefill_only else HEADS).items():
         def splits_for(b, kvh=cfg.num_kv_heads):
             return max(1, min(16, -(-2 * sms // (b * kvh))))
 
@@ -135,10 +153,12 @@ def main() -> None:
                           f"{r['GBps']:7.0f} GB/s ({100 * r['of_copy']:.0f}% of copy)", flush=True)
         result["decode"][name] = rows
     for b, h, kvh, s in [(8, 32, 32, 2048), (8, 32, 8, 2048), (2, 32, 8, 8192)]:
-        r = prefill_point(b, h, kvh, s)
+        r = prefill_point(b, h, kvh, s, sweep=args.sweep)
         result["prefill"].append(r)
-        print(f"prefill B={b} H={h} KVH={kvh} S={s}: ours {r['ours_TFLOPs']:.0f} TFLOP/s, SDPA "
-              f"{r['sdpa_TFLOPs']:.0f} TFLOP/s ({100 * r['ours_TFLOPs'] / r['sdpa_TFLOPs']:.0f}%)", flush=True)
+        print(f"prefill B={b} H={h} KVH={kvh} S={s}: ours {r['ours_TFLOPs']:.0f} TFLOP/s (config {r['config']}), "
+              f"SDPA {r['sdpa_TFLOPs']:.0f} TFLOP/s ({100 * r['ours_TFLOPs'] / r['sdpa_TFLOPs']:.0f}%)", flush=True)
+        if args.sweep:
+            print("  " + json.dumps({k: round(v) for k, v in r["all_configs_TFLOPs"].items()}), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

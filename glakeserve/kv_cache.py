@@ -39,6 +39,9 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+ANCHOR = "(anchor: padding for CUDA graphs)"
+
+
 @dataclass
 class Slot:
     index: int
@@ -58,7 +61,7 @@ class KVCache:
         self.layout = KVLayout(layout)
         if self.layout is KVLayout.PAGED:
             raise ValueError("the paged layout is kv_paged.PagedKVCache")
-        num_slots += 1  # the last slot pads CUDA-graph batches; requests never get it
+        num_slots += 1  # slot 0 is the anchor (below); requests get slots 1..num_slots
         self.max_model_len = max_model_len
         self.num_slots = num_slots
         self.lookahead_tokens = lookahead_tokens
@@ -88,6 +91,12 @@ class KVCache:
                 f"layout): raise kv_cache_memory or lower max_model_len"
             )
         self._views = self._make_views()
+        # The anchor: slot 0 keeps one page mapped in every vTensor for the engine's whole life.
+        # A view's base address is slot 0's first page, and Triton's launcher asks the driver about
+        # it; it also serves as the slot that pads CUDA-graph batches.
+        anchor = self.slots[0]
+        anchor.owner = ANCHOR
+        assert self.ensure(anchor, 1)
 
     # ----- geometry ---------------------------------------------------------------------------
     def _make_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -141,7 +150,7 @@ class KVCache:
         """An idle slot for a new request: the one whose mapped pages fit `tokens` best (fewest
         spare pages among those that hold them all, else the one holding the most). None if every
         slot is taken."""
-        idle = [s for s in self.slots[:-1] if s.owner is None]
+        idle = [s for s in self.slots[1:] if s.owner is None]
         if not idle:
             return None
         need = self.pages_for(tokens)
@@ -152,11 +161,7 @@ class KVCache:
 
     def padding_slot(self) -> Slot:
         """The slot CUDA graphs point their padding rows at: one page mapped, never a request's."""
-        pad = self.slots[-1]
-        if pad.owner is None:
-            pad.owner = "(cuda-graph padding)"
-            assert self.ensure(pad, 1)
-        return pad
+        return self.slots[0]
 
     def flush(self) -> None:
         """Nothing to publish before a step: kernels read slots, not tables."""
@@ -275,6 +280,7 @@ class KVCache:
             {
                 "slot": s.index,
                 "owner": s.owner,
+                "internal": s.owner == ANCHOR,
                 "tokens": tokens.get(s.index, 0),
                 "mapped_pages": s.mapped * n,
                 "queued_pages": (s.target - s.mapped) * n,

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from glakeserve.kv_cache import KVCacheTooSmallError, Slot
+from glakeserve.kv_cache import ANCHOR, KVCacheTooSmallError, Slot
 from glakeserve.model.config import ModelConfig
 
 BLOCK_TOKENS = 16
@@ -36,7 +36,7 @@ class PagedKVCache:
         shape = (self.num_blocks, BLOCK_TOKENS, kvh, d)
         self._caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                         for _ in range(L)]
-        self.num_slots = num_slots + 1  # the last row pads CUDA-graph batches
+        self.num_slots = num_slots + 1  # row 0 pads CUDA-graph batches (as kv_cache.KVCache's slot 0)
         pin = device.type == "cuda"
         self._table_host = torch.zeros(self.num_slots, self.blocks_per_row, dtype=torch.int32, pin_memory=pin)
         self.block_table = self._table_host.to(device) if pin else self._table_host
@@ -47,6 +47,8 @@ class PagedKVCache:
         self.waits = 0
         self.reclaimed_pages = 0
         self.pages_mapped = 0
+        self.slots[0].owner = ANCHOR
+        assert self.ensure(self.slots[0], 1)
 
     # ----- the KV interface -------------------------------------------------------------------
     @property
@@ -74,18 +76,14 @@ class PagedKVCache:
         return self.blocks_per_row
 
     def acquire_slot(self, owner: str, tokens: int) -> Slot | None:
-        for s in self.slots[:-1]:
+        for s in self.slots[1:]:
             if s.owner is None:
                 s.owner = owner
                 return s
         return None
 
     def padding_slot(self) -> Slot:
-        pad = self.slots[-1]
-        if pad.owner is None:
-            pad.owner = "(cuda-graph padding)"
-            assert self.ensure(pad, 1)
-        return pad
+        return self.slots[0]
 
     def release_slot(self, slot: Slot, keep_pages: bool) -> None:
         # the baseline frees a finished request's blocks at once (no reuse across requests)
@@ -144,7 +142,8 @@ class PagedKVCache:
 
     def slot_stats(self, tokens: dict[int, int]) -> list[dict]:
         return [
-            {"slot": s.index, "owner": s.owner, "tokens": tokens.get(s.index, 0), "mapped_pages": len(self._blocks[s.index]),
+            {"slot": s.index, "owner": s.owner, "internal": s.owner == ANCHOR, "tokens": tokens.get(s.index, 0),
+             "mapped_pages": len(self._blocks[s.index]),
              "queued_pages": 0, "reserved_pages": self.blocks_per_row,
              "waste_bytes": max(0, len(self._blocks[s.index]) * BLOCK_TOKENS - tokens.get(s.index, 0))
              * self.kv_bytes_per_token()}

@@ -125,6 +125,7 @@ class ModelRunner:
         self.device = model.device
         self.eos_token_ids = eos_token_ids
         self.staging = HostStaging(self.device)
+        self.last_path = ""  # "graph" or "eager": how the last step ran (benchmarks break time down by it)
         self.graphs = None
         if cuda_graph_max_batch and self.device.type == "cuda" and attn.supports_cuda_graphs:
             self.graphs = DecodeGraphs(model, kv, attn, cuda_graph_max_batch, kv.max_model_len)
@@ -150,7 +151,9 @@ class ModelRunner:
                 last_index.append(len(ids) - 1)
         if self.graphs is not None and len(ids) == len(slots) <= self.graphs.max_batch:
             hidden = self.graphs.run(self.staging, ids, slots, ctxs)  # decode: one token per sequence
+            self.last_path = "graph"
         else:
+            self.last_path = "eager"
             meta = self.attn.prepare_metadata(slots, qlens, ctxs, self.device, block_table=self.kv.block_table,
                                               to_device=self.staging.put)
             hidden = self.model.forward(self.staging.put(ids, torch.int64), meta.positions, self.kv, self.attn, meta)

@@ -35,7 +35,7 @@ def test_inspect_memory_json_on_the_demo(smollm2_dir):
     snap = json.loads(out.output)
     pool, slots = snap["pool"], snap["slots"]
     assert pool["used_pages"] + pool["free_pages"] == pool["total_pages"]
-    running = [s for s in slots if s["owner"] is not None]
+    running = [s for s in slots if s["owner"] is not None and not s["internal"]]
     idle_with_pages = [s for s in slots if s["owner"] is None and s["mapped_pages"]]
     assert len(running) == 2 and len(idle_with_pages) == 2  # two finished early and kept their pages
     assert all(s["tokens"] > 0 and s["mapped_pages"] <= s["reserved_pages"] for s in running)

@@ -34,10 +34,10 @@ def test_logits_match_hf_on_gpu(tiny, layout):
             ref = [hf(torch.tensor([s], device="cuda")).logits[0] for s in seqs]
         done: dict[int, int] = {}
         cut = [200, 5, 128]
-        out = runner.run([(i, s[:c]) for i, (s, c) in enumerate(zip(seqs, cut))], done)  # prefill, 3 slots
+        out = runner.run([(i + 1, s[:c]) for i, (s, c) in enumerate(zip(seqs, cut))], done)  # prefill, 3 slots
         for o, r, c in zip(out, ref, cut):
             torch.testing.assert_close(o, r[:c], rtol=1e-3, atol=1e-3)
-        out = runner.run([(0, seqs[0][cut[0]:])], done)  # extend after a cached prefix
+        out = runner.run([(1, seqs[0][cut[0]:])], done)  # extend after a cached prefix
         torch.testing.assert_close(out[0], ref[0][cut[0]:], rtol=1e-3, atol=1e-3)
     finally:
         runner.close()

@@ -60,12 +60,12 @@ def test_best_fit_reuse_of_idle_slots():
 
 
 def test_pool_short_reclaims_idle_pages_longest_idle_first():
-    pool, kv = make("token-major", pages=20, slots=4)  # 20 pages = 80 tokens; max_len 64 = 16 pages
+    pool, kv = make("token-major", pages=21, slots=4)  # 20 pages for requests (80 tokens) + the anchor's
     a = kv.acquire_slot("a", 24)
     assert kv.ensure(a, 24)  # 6 pages
     kv.release_slot(a, keep_pages=True)
     b = kv.acquire_slot("b", 24)  # best fit: a's slot again, no new pages
-    assert b is a and kv.ensure(b, 24) and pool.stats().used_pages == 6
+    assert b is a and kv.ensure(b, 24) and pool.stats().used_pages == 6 + 1  # + the anchor page
     c = kv.acquire_slot("c", 40)
     assert kv.ensure(c, 40)  # 10 more pages
     kv.release_slot(b, keep_pages=True)

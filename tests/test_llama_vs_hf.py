@@ -34,20 +34,20 @@ def test_logits_match_hf(tiny, layout, backend):
         with torch.no_grad():
             ref = [hf(torch.tensor([s])).logits[0] for s in seqs]
         done: dict[int, int] = {}
-        # pass 1: the first part of each sequence, all three in one batch (slots 2, 0, 3)
+        # pass 1: the first part of each sequence, all three in one batch (slots 2, 1, 3)
         cut = [20, 3, 61]
-        out = runner.run([(2, seqs[0][:cut[0]]), (0, seqs[1][:cut[1]]), (3, seqs[2][:cut[2]])], done)
+        out = runner.run([(2, seqs[0][:cut[0]]), (1, seqs[1][:cut[1]]), (3, seqs[2][:cut[2]])], done)
         for o, r, c in zip(out, ref, cut):
             torch.testing.assert_close(o, r[:c], rtol=1e-4, atol=1e-4)
         # pass 2: the rest, attending to the cached prefix
-        out = runner.run([(2, seqs[0][cut[0]:]), (0, seqs[1][cut[1]:]), (3, seqs[2][cut[2]:])], done)
+        out = runner.run([(2, seqs[0][cut[0]:]), (1, seqs[1][cut[1]:]), (3, seqs[2][cut[2]:])], done)
         for o, r, c in zip(out, ref, cut):
             torch.testing.assert_close(o, r[c:], rtol=1e-4, atol=1e-4)
         # pass 3: one decode token each
         nxt = [int(torch.randint(3, 257, ())) for _ in seqs]
         with torch.no_grad():
             ref = [hf(torch.tensor([s + [t]])).logits[0, -1] for s, t in zip(seqs, nxt)]
-        out = runner.run([(2, [nxt[0]]), (0, [nxt[1]]), (3, [nxt[2]])], done)
+        out = runner.run([(2, [nxt[0]]), (1, [nxt[1]]), (3, [nxt[2]])], done)
         for o, r in zip(out, ref):
             torch.testing.assert_close(o[0], r, rtol=1e-4, atol=1e-4)
         runner.kv.check_integrity(done)

@@ -20,9 +20,8 @@ GPU_SHAPES = {
 
 
 def shapes():
-    yield pytest.param(CPU_SHAPE, id="cpu-small")
-    for name, shape in GPU_SHAPES.items():
-        yield pytest.param(shape, id=name, marks=pytest.mark.gpu)
+    return [pytest.param(CPU_SHAPE, id="cpu-small")] + [
+        pytest.param(shape, id=name, marks=pytest.mark.gpu) for name, shape in GPU_SHAPES.items()]
 
 
 class Caches:

@@ -52,6 +52,12 @@ def _store_kv_kernel(k, v, k_cache, v_cache, token_slots, positions, block_table
     tl.store(v_cache + dst, tl.load(v + t * v_tok + h * v_head + d, mask=mask), mask=mask)
 
 
+def _precision(q: torch.Tensor) -> str:
+    """Tensor cores round float32 inputs to tf32 by default (1e-3 errors, enough to flip a greedy
+    token): float32 models get exact products; 16-bit ones are exact on tensor cores anyway."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def _paging(block_table: torch.Tensor | None, k_cache: torch.Tensor) -> tuple:
     """(block_table or a dummy pointer, its row stride, PAGED, page size) for a launch."""
     if block_table is None:
@@ -98,7 +104,7 @@ def _decode_split_kernel(q, k_cache, v_cache, slot_ids, context_lens, part_out, 
                          q_tok, q_head, c_slot, c_pos, c_head, po_seq, po_head, po_split, pl_seq, pl_head,
                          sm_scale, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PAGED: tl.constexpr, PAGE: tl.constexpr):
+                         PAGED: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -127,14 +133,14 @@ def _decode_split_kernel(q, k_cache, v_cache, slot_ids, context_lens, part_out, 
         tok = _token_offsets(n, n_mask, slot, c_slot, c_pos, block_table, bt_row, PAGED, PAGE)
         offs = tok[:, None] + kv_head * c_head + d[None, :]
         kt = tl.load(k_cache + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, D]
-        s = tl.dot(qv, tl.trans(kt)) * scale  # [GROUP_PAD, BLOCK_N]
+        s = tl.dot(qv, tl.trans(kt), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(v_cache + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
         m_i = m_new
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -195,7 +201,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         D ** -0.5, NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n, PAGED=paged, PAGE=page, num_warps=4,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n, PAGED=paged, PAGE=page, PRECISION=_precision(q), num_warps=4,
     )
     _decode_combine_kernel[(B, H)](
         part_out, part_lse, out, part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0),
@@ -212,10 +218,35 @@ def decode_scratch(batch: int, heads: int, dim: int, num_splits: int, device) ->
 
 # ----- extend (prefill) ---------------------------------------------------------------------------
 @triton.jit
+def _attend_tiles(acc, m_i, l_i, qv, q_pos, k_cache, v_cache, slot, kv_head, n_start, n_stop, c_slot, c_pos, c_head,
+                  block_table, bt_row, d, d_mask, scale, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PAGED: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over keys [n_start, n_stop); CAUSAL masks keys past each query's position."""
+    for n0 in range(n_start, n_stop, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < n_stop
+        tok = _token_offsets(n, n_mask, slot, c_slot, c_pos, block_table, bt_row, PAGED, PAGE)
+        offs = tok[:, None] + kv_head * c_head + d[None, :]
+        kt = tl.load(k_cache + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        s = tl.dot(qv, tl.trans(kt), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
+        if CAUSAL:
+            s = tl.where((n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_cache + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _extend_kernel(q, k_cache, v_cache, out, slot_ids, query_start, query_lens, context_lens, block_table, bt_row,
                    q_tok, q_head, o_tok, o_head, c_slot, c_pos, c_head, sm_scale,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+                   PRECISION: tl.constexpr):
     mblock = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -235,30 +266,22 @@ def _extend_kernel(q, k_cache, v_cache, out, slot_ids, query_start, query_lens, 
     q_rows = (q0 + m).to(tl.int64)
     qv = tl.load(q + q_rows[:, None] * q_tok + h * q_head + d[None, :], mask=m_mask[:, None] & d_mask[None, :],
                  other=0.0)
-    scale = sm_scale * 1.4426950408889634
+    scale = sm_scale * 1.4426950408889634  # scores in log2 units, for exp2
     q_pos = prefix + m  # each query's position in the slot
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    last = tl.minimum(prefix + (mblock + 1) * BLOCK_M, ctx)  # causal: no key past the block's last query
-    first_masked = prefix + mblock * BLOCK_M  # keys below it are visible to every query of the block
-    for n0 in range(0, last, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n < last
-        tok = _token_offsets(n, n_mask, slot, c_slot, c_pos, block_table, bt_row, PAGED, PAGE)
-        offs = tok[:, None] + kv_head * c_head + d[None, :]
-        kt = tl.load(k_cache + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        s = tl.dot(qv, tl.trans(kt)) * scale  # [BLOCK_M, BLOCK_N]
-        if n0 + BLOCK_N > first_masked:
-            s = tl.where((n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_cache + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
+    # keys below the block's first query position are visible to all its queries: no mask there;
+    # the rest, up to its last query, get the causal mask
+    last = tl.minimum(prefix + (mblock + 1) * BLOCK_M, ctx)
+    full = (prefix + mblock * BLOCK_M) // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, qv, q_pos, k_cache, v_cache, slot, kv_head, 0, full, c_slot, c_pos,
+                                  c_head, block_table, bt_row, d, d_mask, scale, False, BLOCK_N, PAGED, PAGE,
+                                  PRECISION)
+    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, qv, q_pos, k_cache, v_cache, slot, kv_head, full, last, c_slot, c_pos,
+                                  c_head, block_table, bt_row, d, d_mask, scale, True, BLOCK_N, PAGED, PAGE,
+                                  PRECISION)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out + q_rows[:, None] * o_tok + h * o_head + d[None, :], o.to(out.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
@@ -267,7 +290,8 @@ def _extend_kernel(q, k_cache, v_cache, out, slot_ids, query_start, query_lens, 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
                      query_start: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Tensor,
                      max_query_len: int, out: torch.Tensor | None = None, block_m: int = 128,
-                     block_n: int = 64, block_table: torch.Tensor | None = None) -> torch.Tensor:
+                     block_n: int = 64, block_table: torch.Tensor | None = None, num_warps: int | None = None,
+                     num_stages: int = 3) -> torch.Tensor:
     """q [tokens, heads, dim] for all sequences back to back -> [tokens, heads, dim]. The new
     tokens' K and V must already be in the caches (store_kv first)."""
     check_cache(k_cache, v_cache)
@@ -288,6 +312,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, out, slot_ids, query_start, query_lens, context_lens, bt, bt_row, q.stride(0),
         q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         D ** -0.5, GROUP=H // KVH, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m,
-        BLOCK_N=block_n, PAGED=paged, PAGE=page, num_warps=8 if block_m >= 128 else 4, num_stages=3,
+        BLOCK_N=block_n, PAGED=paged, PAGE=page, PRECISION=_precision(q),
+        num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages,
     )
     return out

@@ -35,6 +35,7 @@ class BenchResult:
     preemptions: int = 0
     mapping_waits: int = 0
     timeline: list[dict] = field(default_factory=list)
+    step_paths: dict = field(default_factory=dict)  # "graph" / "eager" -> [steps, seconds]
 
     @property
     def requests_per_s(self) -> float:
@@ -73,7 +74,14 @@ def run_glake(llm, reqs: list[BenchRequest], console: Console) -> BenchResult:
     with _progress(console) as progress:
         task = progress.add_task("requests", total=len(reqs))
         while engine.has_unfinished_requests():
-            for out in engine.step():
+            t_step = time.monotonic()
+            outs = engine.step()
+            dt = time.monotonic() - t_step
+            path = engine.runner.last_path
+            agg = res.step_paths.setdefault(path, [0, 0.0])
+            agg[0] += 1
+            agg[1] += dt
+            for out in outs:
                 if out.finished:
                     progress.advance(task)
                     res.output_tokens += out.num_output_tokens

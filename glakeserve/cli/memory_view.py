@@ -56,8 +56,8 @@ def slot_table(slots: list[dict], page_size: int, show_idle: bool = True) -> Tab
     for col in ("slot", "request", "tokens", "pages mapped / reserved", "queued", "mapped memory", "waste"):
         t.add_column(col, justify="left" if col in ("request",) else "right")
     for s in slots:
-        if not s["mapped_pages"] and not s["owner"] and not s["queued_pages"]:
-            continue  # never used: nothing to show
+        if s.get("internal") or (not s["mapped_pages"] and not s["owner"] and not s["queued_pages"]):
+            continue  # the anchor slot, or never used: nothing to show
         if not show_idle and s["owner"] is None:
             continue
         t.add_row(
@@ -98,7 +98,7 @@ def page_map(slots: list[dict], width: int = MAP_WIDTH) -> Table:
     t.add_column("slot", style="bold", justify="right")
     t.add_column("pages")
     for s in slots:
-        if s["mapped_pages"] or s["owner"] or s["queued_pages"]:
+        if not s.get("internal") and (s["mapped_pages"] or s["owner"] or s["queued_pages"]):
             t.add_row(f"{s['slot']}", page_map_row(s, width))
     t.caption = f"{MAPPED} mapped  {SHARED} shared  {QUEUED} queued on the worker  {RESERVED} reserved"
     return t
@@ -130,7 +130,7 @@ def live_panel(snap: dict) -> Panel:
     lines.append("·" * (bar_width - filled), style="dim")
     lines.append(f" {used}/{total} pages ({human_bytes(used * pool['page_size'])})\n")
     for s in slots:
-        if s["owner"] or s["mapped_pages"]:
+        if not s.get("internal") and (s["owner"] or s["mapped_pages"]):
             who = s["owner"] or "idle"
             lines.append(f"slot {s['slot']:>2} {who[:14]:<14} ")
             lines.append_text(page_map_row(s, 32))

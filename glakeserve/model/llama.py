@@ -14,16 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from glakeserve.model import fused_ops
 from glakeserve.model.config import ModelConfig
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:  # one fused op, bit-identical to the composition below in float32
-        return F.rms_norm(x, weight.shape, weight, eps)
-    # normalised in float32, like HF's LlamaRMSNorm, then scaled in the model's dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -66,11 +58,6 @@ class RotaryEmbedding:
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin [tokens, 1, head_dim] for a batch: looked up once, used by every layer."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x: [tokens, heads, head_dim]; HF's rotate-half convention: x * cos + rotate_half(x) * sin."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Linear:
@@ -118,6 +105,11 @@ class LlamaModel:
         self.rotary = RotaryEmbedding(cfg, max_positions, self.device)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        # on a GPU the elementwise work runs as fused Triton kernels; on the CPU as their torch twins
+        gpu = self.device.type == "cuda"
+        self._add_norm = fused_ops.add_rms_norm if gpu else fused_ops.add_rms_norm_torch
+        self._silu_mul = fused_ops.silu_mul if gpu else fused_ops.silu_mul_torch
+        self._rope = fused_ops.rope_ if gpu else fused_ops.rope_torch
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache, attn, meta) -> torch.Tensor:
         """input_ids, positions: [tokens] for all sequences of the batch back to back.
@@ -125,21 +117,22 @@ class LlamaModel:
         per-batch metadata. Returns the final hidden states [tokens, hidden]."""
         cfg = self.cfg
         H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
         cos, sin = self.rotary.tables(positions, self.dtype)
-        h = F.embedding(input_ids, self.embed)  # [tokens, hidden]
+        # the residual stream: each add_norm adds a sublayer's output and normalises for the next
+        x, residual = self._add_norm(F.embedding(input_ids, self.embed), None, self.layers[0].input_norm, eps)
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
             qkv = layer.qkv(x).view(-1, H + 2 * KVH, D)  # [tokens, H + 2 KVH, D]
-            qk = apply_rotary(qkv[:, : H + KVH], cos, sin)  # q and k rotate together
-            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KVH:]
+            self._rope(qkv, H + KVH, cos, sin)  # q and k rotate in place
+            q, k, v = qkv[:, :H], qkv[:, H:H + KVH], qkv[:, H + KVH:]
             k_cache, v_cache = kv_cache.k_cache(i), kv_cache.v_cache(i)
             attn.store_kv(k_cache, v_cache, k, v, meta)
             o = attn.forward(q, k_cache, v_cache, meta)  # [tokens, H, D]
-            h = h + layer.o(o.reshape(-1, self.q_size))
-            x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
-        return rms_norm(h, self.norm, cfg.rms_norm_eps)
+            x, residual = self._add_norm(layer.o(o.reshape(-1, self.q_size)), residual, layer.post_norm, eps)
+            mlp = layer.down(self._silu_mul(layer.gate_up(x)))
+            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            x, residual = self._add_norm(mlp, residual, next_norm, eps)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] in float32."""

@@ -94,17 +94,25 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ModelNotFoundError(f"{p} has no config.json: point --model at a HF model directory or a .gguf file")
-        return ModelSource(p.name, p, tokenizer_path=p)
+        return ModelSource(p.name, p, tokenizer_path=_tokenizer_in(p))
     if spec.count("/") == 1 and not p.exists():
         snap = _offline_hf_snapshot(spec)
         if snap is not None:
-            return ModelSource(spec, snap, tokenizer_path=snap)
+            return ModelSource(spec, snap, tokenizer_path=_tokenizer_in(snap))
     raise ModelNotFoundError(
         f"no weights for {spec!r} on this machine. Pass a HF model directory (with config.json and "
         "*.safetensors), a .gguf file, or a repo id already in the offline HF cache "
         f"({_hf_cache_root()}); leave --model out for the embedded SmolLM2-135M-Instruct; for benchmarks "
         f"without weights use --load-format dummy with one of: {', '.join(DUMMY_SHAPES)}"
     )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def _tokenizer_in(path: Path) -> Path | None:
+    """The directory itself if it holds a tokenizer; None for weights alone (prompts are then ids)."""
+    return path if any((path / f).exists() for f in TOKENIZER_FILES) else None
 
 
 def _hf_cache_root() -> str:

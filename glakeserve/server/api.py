@@ -199,7 +199,7 @@ async def _last(gen: AsyncIterator):
 
 def prometheus(stats: dict, model: str) -> str:
     pool = stats["pool"]
-    owned = [s for s in stats["slots"] if s["owner"]]
+    owned = [s for s in stats["slots"] if s["owner"] and not s.get("internal")]
     rows = [
         ("glake_requests_running", "gauge", "Requests being generated", stats["running"]),
         ("glake_requests_waiting", "gauge", "Requests queued", stats["waiting"]),
