@@ -50,6 +50,14 @@ def test_logits_match_hf(tiny, layout, backend):
         out = runner.run([(2, [nxt[0]]), (1, [nxt[1]]), (3, [nxt[2]])], done)
         for o, r in zip(out, ref):
             torch.testing.assert_close(o[0], r, rtol=1e-4, atol=1e-4)
+        # pass 4: a mixed step, decoding sequences in front of one that extends by several tokens
+        seqs = [s + [t] for s, t in zip(seqs, nxt)]
+        more = [[int(torch.randint(3, 257, ()))], [int(torch.randint(3, 257, ()))], torch.randint(3, 257, (6,)).tolist()]
+        with torch.no_grad():
+            ref = [hf(torch.tensor([s + m])).logits[0, -len(m):] for s, m in zip(seqs, more)]
+        out = runner.run([(2, more[0]), (1, more[1]), (3, more[2])], done)
+        for o, r in zip(out, ref):
+            torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
         runner.kv.check_integrity(done)
     finally:
         runner.close()

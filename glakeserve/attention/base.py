@@ -30,6 +30,8 @@ class AttentionMetadata:
     max_context_len: int
     block_table: torch.Tensor | None = None  # paged baseline: [rows, blocks]; None for vTensor slots
     num_splits: int = 1  # decode: programs per sequence and KV head along the context
+    leading_decodes: int = 0  # sequences at the front of the batch with one new token each
+    max_extend_query_len: int = 0  # longest query among the others
 
     @property
     def is_decode_only(self) -> bool:
@@ -51,6 +53,9 @@ class AttentionBackend(ABC):
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
+        leading = 0  # the scheduler puts running (decoding) requests first
+        while leading < len(query_lens) and query_lens[leading] == 1:
+            leading += 1
         token_slots, positions = [], []
         for slot, n, ctx in zip(slot_ids, query_lens, context_lens):
             token_slots += [slot] * n
@@ -63,6 +68,7 @@ class AttentionBackend(ABC):
             query_lens_host=list(query_lens), context_lens_host=list(context_lens), slot_ids_host=list(slot_ids),
             max_query_len=max(query_lens), max_context_len=max(context_lens), block_table=block_table,
             num_splits=self.decode_splits(len(slot_ids), max(context_lens)),
+            leading_decodes=leading, max_extend_query_len=max(query_lens[leading:], default=0),
         )
 
     def decode_splits(self, batch: int, max_context: int) -> int:

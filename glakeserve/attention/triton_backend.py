@@ -29,5 +29,14 @@ class TritonBackend(AttentionBackend):
         if meta.is_decode_only:
             return ops.decode_attention(q, k_cache, v_cache, meta.slot_ids, meta.context_lens, meta.num_splits,
                                         block_table=meta.block_table)
-        return ops.extend_attention(q, k_cache, v_cache, meta.slot_ids, meta.query_start, meta.query_lens,
-                                    meta.context_lens, meta.max_query_len, block_table=meta.block_table)
+        # a mixed step: the decoding sequences in front take the decode kernel (the extend kernel would
+        # spend a 128-row tile on each one-token query); the rest take the extend kernel
+        n = meta.leading_decodes
+        out = torch.empty_like(q)
+        if n:
+            ops.decode_attention(q[:n], k_cache, v_cache, meta.slot_ids[:n], meta.context_lens[:n],
+                                 self.decode_splits(n, meta.max_context_len), out=out[:n],
+                                 block_table=meta.block_table)
+        return ops.extend_attention(q, k_cache, v_cache, meta.slot_ids[n:], meta.query_start[n:],
+                                    meta.query_lens[n:], meta.context_lens[n:], meta.max_extend_query_len, out=out,
+                                    block_table=meta.block_table)
