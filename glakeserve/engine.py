@@ -12,7 +12,7 @@ import torch
 
 from glakeserve import vtensor
 from glakeserve.attention import make_backend
-from glakeserve.kv_cache import KVCache, KVLayout
+from glakeserve.kv_cache import KVCache, KVLayout, aligned_host_page_size
 from glakeserve.kv_paged import PagedKVCache
 from glakeserve.model.loader import ModelSource, load_model, model_config, resolve_model
 from glakeserve.model_runner import ModelRunner
@@ -36,12 +36,14 @@ class EngineConfig:
     max_num_seqs: int | None = None  # default: 16 on CPU, 256 on a GPU
     max_num_batched_tokens: int | None = None  # default: 1024 on CPU, 8192 on a GPU
     kv_cache_memory: float | None = None  # bytes (> 1) or a fraction of free memory (<= 1)
+    kv_cache_max_memory: float | None = None  # elastic limit the pool may grow to (default: kv_cache_memory)
+    enable_prefix_caching: bool = True  # share KV pages of common prefixes by aliasing (vTensor layouts)
     device: str = "auto"
     seed: int = 0
     load_format: str = "auto"
     kv_layout: str = KVLayout.TOKEN_MAJOR.value
     page_size: int | None = None
-    lookahead_tokens: int = 64
+    lookahead_tokens: int | None = None  # tokens of pages mapped ahead; default two pages' worth, <= 64
     attention_backend: str = "auto"  # auto: triton on a GPU, torch on the CPU
     enforce_eager: bool = False  # no CUDA graphs
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay CUDA graphs
@@ -104,11 +106,21 @@ class LLMEngine:
             self.kv = PagedKVCache(cfg, self.dtype, self.device, self.max_model_len, num_slots,
                                    self._kv_cache_bytes(self._memory_info()))
         else:
-            self.pool = vtensor.PagePool(0, page_size=config.page_size, backend="cuda" if gpu else "host",
+            page_size = config.page_size
+            if page_size is None and not gpu:  # pages holding whole tokens, so the prefix cache can share them
+                per_token = cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+                page_size = aligned_host_page_size(per_token * (2 * cfg.num_layers if layout is KVLayout.TOKEN_MAJOR
+                                                                else 1))
+            self.pool = vtensor.PagePool(0, page_size=page_size, backend="cuda" if gpu else "host",
                                          device=self.device.index or 0)
-            self.pool.grow(self._kv_cache_bytes(self.pool.memory_info()) // self.pool.page_size)
+            info = self.pool.memory_info()
+            pages = self._kv_cache_bytes(info) // self.pool.page_size
+            self.pool.grow(pages)
+            limit = config.kv_cache_max_memory
+            max_pages = int(limit * info[0] if limit <= 1 else limit) // self.pool.page_size if limit else pages
             self.kv = KVCache(self.pool, cfg, self.dtype, self.max_model_len, num_slots=num_slots, layout=layout,
-                              lookahead_tokens=config.lookahead_tokens)
+                              lookahead_tokens=config.lookahead_tokens,
+                              prefix_caching=config.enable_prefix_caching, max_pages=max_pages)
         self.attn = make_backend(config.attention_backend, self.device, cfg.num_kv_heads)
         self.scheduler = Scheduler(self.kv, self.max_num_seqs, self.max_num_batched_tokens)
         graphs = 0 if config.enforce_eager else min(config.cuda_graph_max_batch, self.max_num_seqs)
@@ -216,6 +228,7 @@ class LLMEngine:
         if not batch.empty:
             sampled = self.runner.execute(batch)
             outputs += self._postprocess(batch, sampled)
+        self.scheduler.index_prompts()
         self.scheduler.map_ahead()
         for r in batch.failed:
             self.requests.pop(r.request_id, None)
@@ -306,6 +319,8 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "mapping_waits": self.kv.waits,
             "reclaimed_pages": self.kv.reclaimed_pages,
+            "prefix_cache": self.kv.prefix_stats(),
+            "kv_max_pages": getattr(self.kv, "max_pages", None),
             "pool": pool,
             "slots": self.kv.slot_stats(tokens),
             **self.counters,
@@ -318,6 +333,37 @@ class LLMEngine:
         snap["slots"] = self.kv.slot_stats(self.scheduler.tokens_held())
         snap["engine"] = {k: v for k, v in self.stats().items() if k not in ("pool", "slots")}
         return snap
+
+    # ----- elasticity -------------------------------------------------------------------------
+    def release_idle_memory(self) -> int:
+        """With no request in the engine: unmaps the pages idle slots keep and gives every free
+        physical page back to the driver. The prefix cache keeps its pages. Returns pages released."""
+        if self.pool is None or self.scheduler.has_unfinished():
+            return 0
+        for slot in self.kv.slots[1:]:
+            if slot.owner is None and slot.target:
+                self.kv.release_slot(slot, keep_pages=False)
+        self.kv._drain()
+        return self.pool.shrink(self.pool.free_pages())
+
+    def set_kv_limit(self, max_bytes: int) -> dict:
+        """Sets how far the pool may grow. Lowering it gives back free pages at once (never a page a
+        request holds); the rest goes as requests finish and the engine idles."""
+        if self.pool is None:
+            raise ValueError("the paged baseline has a fixed pool; the limit applies to vTensor layouts")
+        pages = int(max_bytes) // self.pool.page_size
+        if pages < self.kv.min_pages:
+            raise ValueError(f"a KV limit of {int(max_bytes)} bytes ({pages} pages) cannot hold one request of "
+                             f"max_model_len={self.max_model_len} tokens, which needs {self.kv.min_pages} pages "
+                             f"({self.kv.min_pages * self.pool.page_size} bytes)")
+        self.kv.max_pages = pages
+        total = self.pool.stats().total_pages
+        if total > pages:
+            self.kv._drain()
+            self.pool.shrink(min(total - pages, self.pool.free_pages()))
+        s = self.pool.stats()
+        return {"max_pages": pages, "max_bytes": pages * s.page_size, "total_pages": s.total_pages,
+                "total_bytes": s.total_pages * s.page_size, "free_pages": s.free_pages}
 
     def close(self) -> None:
         self.kv.close()

@@ -15,6 +15,7 @@ always mapped as a prefix of its range; `mapped[slot]` (per vTensor) says how ma
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -22,6 +23,7 @@ from enum import Enum
 import torch
 
 from glakeserve.model.config import ModelConfig
+from glakeserve.prefix_cache import ROOT, PrefixCache
 from glakeserve.vtensor import MapFuture, PagePool, VTensor
 
 
@@ -50,11 +52,20 @@ class Slot:
     target: int = 0  # pages mapped or queued for mapping per vTensor (>= mapped)
     futures: list[tuple[int, MapFuture]] = field(default_factory=list)  # (target reached, job)
     idle_since: float = 0.0
+    shared: set[int] = field(default_factory=set)  # pages also mapped by the prefix cache: read-only
+
+
+def aligned_host_page_size(bytes_per_token: int, target: int = 2 << 20, os_page: int = 4096) -> int:
+    """The largest page no bigger than `target` that holds whole tokens and whole OS pages (the host
+    backend maps OS pages); so the prefix cache can share pages. At least one such unit."""
+    unit = bytes_per_token * os_page // math.gcd(bytes_per_token, os_page)  # lcm
+    return max(unit, target // unit * unit)
 
 
 class KVCache:
     def __init__(self, pool: PagePool, cfg: ModelConfig, dtype: torch.dtype, max_model_len: int,
-                 num_slots: int, layout: KVLayout | str = KVLayout.TOKEN_MAJOR, lookahead_tokens: int = 64):
+                 num_slots: int, layout: KVLayout | str = KVLayout.TOKEN_MAJOR, lookahead_tokens: int | None = None,
+                 prefix_caching: bool = False, max_pages: int | None = None):
         self.pool = pool
         self.cfg = cfg
         self.dtype = dtype
@@ -64,7 +75,6 @@ class KVCache:
         num_slots += 1  # slot 0 is the anchor (below); requests get slots 1..num_slots
         self.max_model_len = max_model_len
         self.num_slots = num_slots
-        self.lookahead_tokens = lookahead_tokens
         isz = dtype.itemsize
         L, kvh, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
         ps = pool.page_size
@@ -77,6 +87,10 @@ class KVCache:
         self.slot_stride = round_up(max_model_len * self.bytes_per_token, ps)  # bytes, page aligned
         self.pages_per_slot = self.slot_stride // ps
         self.vtensors: list[VTensor] = [pool.reserve(num_slots * self.slot_stride, n) for n in names]
+        if lookahead_tokens is None:  # two pages ahead, at most 64 tokens: enough to hide mapping, and
+            # with small pages (Llama-2-7B token-major: 4 tokens a page) no pile of pages held idle
+            lookahead_tokens = max(1, min(64, 2 * (ps // self.bytes_per_token)))
+        self.lookahead_tokens = lookahead_tokens
         self.slots = [Slot(i) for i in range(num_slots)]
         self.block_table = None  # kernels address slots directly
         self._jobs: list[tuple[MapFuture, int]] = []  # map-ahead jobs and the pages each takes
@@ -91,12 +105,24 @@ class KVCache:
                 f"layout): raise kv_cache_memory or lower max_model_len"
             )
         self._views = self._make_views()
+        # elasticity: the pool may grow up to max_pages when short (and is shrunk by the engine when idle)
+        self.max_pages = max(total, max_pages or total)
+        self.min_pages = need + len(self.vtensors)  # one request of max_model_len, and the anchor
+        # prefix caching shares whole pages, so a page must hold whole tokens: a token cut by a page
+        # boundary would be rewritten through an alias when the prefix is extended
+        self.prefix_disabled_reason = None
+        if prefix_caching and ps % self.bytes_per_token:
+            self.prefix_disabled_reason = (f"{ps}-byte pages do not hold whole {self.bytes_per_token}-byte tokens "
+                                           f"({self.layout.value} layout); prefix caching needs them to")
+        self.prefix = (PrefixCache(pool, self.vtensors, self.tokens_per_page(), self.max_pages // len(self.vtensors) + 1)
+                       if prefix_caching and self.prefix_disabled_reason is None else None)
         # The anchor: slot 0 keeps one page mapped in every vTensor for the engine's whole life.
         # A view's base address is slot 0's first page, and Triton's launcher asks the driver about
         # it; it also serves as the slot that pads CUDA-graph batches.
         anchor = self.slots[0]
         anchor.owner = ANCHOR
         assert self.ensure(anchor, 1)
+
 
     # ----- geometry ---------------------------------------------------------------------------
     def _make_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -175,10 +201,15 @@ class KVCache:
             self._unmap_all(slot)
 
     def _unmap_all(self, slot: Slot) -> None:
+        self._truncate(slot, 0)
+
+    def _truncate(self, slot: Slot, pages: int) -> None:
+        """Unmaps the slot's pages from `pages` on (shared ones only lose this mapping)."""
         self._wait(slot, slot.target)
-        if slot.mapped:
-            self.pool.unmap_batch(self._ranges(slot, 0, slot.mapped))
-        slot.mapped = slot.target = 0
+        if slot.mapped > pages:
+            self.pool.unmap_batch(self._ranges(slot, pages, slot.mapped))
+        slot.mapped = slot.target = min(slot.mapped, pages)
+        slot.shared = {p for p in slot.shared if p < pages}
 
     # ----- mapping ----------------------------------------------------------------------------
     def _free_pages(self) -> int:
@@ -207,13 +238,22 @@ class KVCache:
         self._jobs.clear()
 
     def _reclaim(self, pages_needed: int, keep: Slot | None = None) -> None:
-        """Unmaps idle slots' pages, longest idle first, until `pages_needed` pages are free."""
+        """Frees pages until `pages_needed` are free: idle slots' pages (longest idle first), then
+        prefix-cache entries (least recently used first), then new physical pages up to max_pages."""
         for slot in sorted((s for s in self.slots if s.owner is None and s.target and s is not keep),
                            key=lambda s: s.idle_since):
             if self._free_pages() >= pages_needed:
                 return
             self.reclaimed_pages += slot.target * len(self.vtensors)
             self._unmap_all(slot)
+        while self.prefix is not None and self._free_pages() < pages_needed and self.prefix.evict_lru():
+            pass
+        short = pages_needed - self._free_pages()
+        if short > 0:
+            total = self.pool.stats().total_pages
+            grow = min(self.max_pages - total, max(short, 64))
+            if grow > 0:
+                self.pool.grow(grow)
 
     def ensure(self, slot: Slot, tokens: int) -> bool:
         """Makes the slot's pages cover `tokens` tokens before a step reads or writes them: waits for
@@ -272,6 +312,85 @@ class KVCache:
                 future.wait()  # raises the job's error, if any
                 slot.mapped = reached
 
+    # ----- prefix caching ---------------------------------------------------------------------
+    def attach_prefix(self, slot: Slot, req) -> int:
+        """Gives a newly admitted request the KV the cache holds for its first tokens: full pages
+        aliased at the same offsets, then (copy-on-write) the page where the match ends copied into a
+        private page. Returns how many tokens need no computing. At least one token is always left
+        to compute, and no page the request will write to stays shared."""
+        if self.prefix is None:
+            return 0
+        T = self.tokens_per_page()
+        ids = req.all_token_ids
+        full, partial, j = self.prefix.match(ids, req.num_tokens - 1)
+        k = len(full)
+        self._wait(slot, slot.target)
+        # the reused slot's own shared pages past the match would be written to: drop them and all
+        # after (ensure() maps fresh ones), so that the mapped pages stay a prefix
+        stale = [p for p in slot.shared if p >= k]
+        if stale:
+            self._truncate(slot, min(stale))
+        if k:
+            self._truncate_front(slot, k)
+            self.prefix.alias_into(full, slot.index * self.pages_per_slot)
+            slot.shared |= set(range(k))
+            slot.mapped = slot.target = max(slot.mapped, k)
+        if partial is not None and j:
+            if slot.mapped <= k:  # page k needs a private page to copy into
+                if self._free_pages() < len(self.vtensors):
+                    self._reclaim(len(self.vtensors), keep=slot)
+                if self._free_pages() >= len(self.vtensors):
+                    self.pool.map_batch(self._ranges(slot, k, k + 1))
+                    slot.mapped = slot.target = k + 1
+            if slot.mapped > k:
+                self.prefix.copy_into(partial, slot.index * self.pages_per_slot + k)
+            else:
+                j = 0
+        req.block_keys = [e.key for e in full]
+        req.indexed_pages = k
+        self.prefix.hit_tokens += k * T + j
+        return k * T + j
+
+    def _truncate_front(self, slot: Slot, k: int) -> None:
+        """Unmaps the slot's pages [0, k) that are mapped, to make room for aliases."""
+        n = min(k, slot.mapped)
+        if n:
+            self.pool.unmap_batch(self._ranges(slot, 0, n))
+        slot.shared -= set(range(n))
+
+    def index_request(self, req, upto_tokens: int, finished: bool = False) -> None:
+        """Puts the request's complete pages among its first `upto_tokens` tokens into the prefix
+        cache (a page somebody else already put there replaces the request's own copy: one physical
+        page then serves both). At finish, its partly filled last page too, for copying."""
+        if self.prefix is None or req.slot is None:
+            return
+        T = self.tokens_per_page()
+        ids = req.all_token_ids
+        done = upto_tokens // T
+        slot = req.slot
+        base = slot.index * self.pages_per_slot
+        if done > req.indexed_pages:
+            keys = self.prefix.keys(ids, done, req.block_keys)
+            for b in range(req.indexed_pages, done):
+                parent = keys[b - 1] if b else ROOT
+                tokens = tuple(ids[b * T:(b + 1) * T])
+                entry = self.prefix.entries.get(keys[b])
+                if entry is None:
+                    if self.prefix.insert(keys[b], parent, tokens, base + b, partial=False):
+                        slot.shared.add(b)
+                elif entry.tokens == tokens and b not in slot.shared and entry.partial_len is None:
+                    self.pool.unmap_batch(self._ranges(slot, b, b + 1))
+                    self.prefix.alias_into([entry], base + b)  # same bytes, one physical page fewer
+                    slot.shared.add(b)
+            req.indexed_pages = done
+        tail = upto_tokens - done * T
+        if finished and tail and done not in slot.shared:
+            parent = req.block_keys[done - 1] if done else ROOT
+            tokens = tuple(ids[done * T:upto_tokens])
+            key = hash(("partial", parent, tokens))
+            if key not in self.prefix.entries and self.prefix.insert(key, parent, tokens, base + done, partial=True):
+                slot.shared.add(done)
+
     # ----- inspection -------------------------------------------------------------------------
     def slot_stats(self, tokens: dict[int, int]) -> list[dict]:
         """Per slot: owner, tokens held, pages mapped / queued / reserved (over all its vTensors)."""
@@ -284,6 +403,7 @@ class KVCache:
                 "tokens": tokens.get(s.index, 0),
                 "mapped_pages": s.mapped * n,
                 "queued_pages": (s.target - s.mapped) * n,
+                "shared_pages": len(s.shared) * n,
                 "reserved_pages": self.pages_per_slot * n,
                 "waste_bytes": max(0, s.mapped * self.pool.page_size - tokens.get(s.index, 0) * self.bytes_per_token) * n,
             }
@@ -297,11 +417,15 @@ class KVCache:
         self.poll()
         self.pool.check_integrity()
         snap = self.pool.snapshot()  # one consistent view; the worker may map on meanwhile
-        assert snap["pool"]["shared_pages"] == 0, snap["pool"]
+        if self.prefix is not None:
+            self.prefix.check_integrity(snap)
+        else:
+            assert snap["pool"]["shared_pages"] == 0, snap["pool"]
         mapped_by_vt = {v["id"]: set(v["mapped_pages"]) for v in snap["vtensors"]}
         expected = {vt.id: set() for vt in self.vtensors}
         for slot in self.slots:
             assert slot.mapped <= slot.target <= self.pages_per_slot, slot
+            assert all(p < slot.mapped for p in slot.shared), slot
             held = tokens.get(slot.index, 0)
             assert slot.mapped >= self.pages_for(held), (slot, held)
             if held:
@@ -317,8 +441,11 @@ class KVCache:
                 slot = self.slots[page // self.pages_per_slot]
                 assert page % self.pages_per_slot < slot.target, (vt.name, page)
 
+    def prefix_stats(self) -> dict | None:
+        return None if self.prefix is None else self.prefix.stats()
+
     def close(self) -> None:
         for slot in self.slots:
             self._wait(slot, slot.target)
-        for vt in self.vtensors:
+        for vt in self.vtensors + (self.prefix.vtensors if self.prefix else []):
             vt.release()

@@ -117,6 +117,16 @@ class PagedKVCache:
                 self.block_table[row].copy_(self._table_host[row], non_blocking=True)
         self._dirty.clear()
 
+    def attach_prefix(self, slot: Slot, req) -> int:
+        """The baseline has no prefix caching."""
+        return 0
+
+    def index_request(self, req, upto_tokens: int, finished: bool = False) -> None:
+        pass
+
+    def prefix_stats(self) -> None:
+        return None
+
     def map_ahead(self, wanted) -> None:
         """Blocks are plain indices: nothing to map ahead."""
 

@@ -50,6 +50,9 @@ class Request:
     stop_reason: str | int | None = None
     error: str | None = None
     num_preemptions: int = 0
+    # prefix caching: chain keys of this request's full pages, and how many of them are indexed
+    block_keys: list[int] = field(default_factory=list)
+    indexed_pages: int = 0
     # incremental detokenization
     text: str = ""
     emitted: int = 0  # characters of text already returned as deltas

@@ -65,11 +65,13 @@ class Scheduler:
         # 2. waiting requests, first come first served, unless memory was short this step
         while not batch.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
             slot = self.kv.acquire_slot(req.request_id, req.num_tokens)
             if slot is None:
                 break
+            req.num_computed_tokens = self.kv.attach_prefix(slot, req)  # KV the prefix cache already holds
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.ensure(slot, req.num_computed_tokens + n):
+                req.num_computed_tokens = 0
                 self.kv.release_slot(slot, keep_pages=True)
                 if not self.running:  # alone and still no room: it can never run
                     self.waiting.popleft()
@@ -88,6 +90,12 @@ class Scheduler:
             budget -= n
         return batch
 
+    def index_prompts(self) -> None:
+        """After a step: put running requests' newly completed prompt pages in the prefix cache
+        (pages of generated tokens wait for the request to finish: fewer driver calls per step)."""
+        for r in self.running:
+            self.kv.index_request(r, min(r.num_computed_tokens, len(r.prompt_token_ids)))
+
     def map_ahead(self) -> None:
         """After a step: queue pages for the next tokens of every running request on the worker."""
         wanted = [(r.slot, r.num_tokens + self.kv.lookahead_tokens) for r in self.running]
@@ -104,8 +112,9 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
-        """A running request is done; its slot keeps its pages for the next request (deferred
-        reclamation)."""
+        """A running request is done; its pages go to the prefix cache, and its slot keeps them for
+        the next request (deferred reclamation)."""
+        self.kv.index_request(req, req.num_computed_tokens, finished=True)
         self.running.remove(req)
         self.kv.release_slot(req.slot, keep_pages=True)
         req.slot = None
