@@ -336,9 +336,9 @@ class KVCache:
             slot.shared |= set(range(k))
             slot.mapped = slot.target = max(slot.mapped, k)
         if partial is not None and j:
-            if slot.mapped <= k:  # page k needs a private page to copy into
-                if self._free_pages() < len(self.vtensors):
-                    self._reclaim(len(self.vtensors), keep=slot)
+            # page k needs a private page to copy into. No reclaiming for it here: that could evict
+            # the very entry about to be copied; without a free page the tokens are recomputed instead
+            if slot.mapped <= k:
                 if self._free_pages() >= len(self.vtensors):
                     self.pool.map_batch(self._ranges(slot, k, k + 1))
                     slot.mapped = slot.target = k + 1

@@ -142,3 +142,19 @@ def test_unaligned_pages_disable_prefix_caching_with_a_reason(smollm2_dir):
                                  kv_cache_memory=64 << 20))
     assert eng.kv.prefix is None and "do not hold whole" in eng.kv.prefix_disabled_reason
     eng.close()
+
+
+def test_many_requests_sharing_a_prefix_under_pressure(smollm2_dir):
+    """32 chats with one template in a pool that barely holds them: admission must never evict
+    the entry it is copying from (it did once, and read an unmapped page)."""
+    eng = LLMEngine(EngineConfig(max_model_len=512, max_num_seqs=32, kv_cache_memory=128 << 20,
+                                 check_integrity=True))
+    params = [SamplingParams(temperature=0.7, seed=i, max_tokens=12) for i in range(32)]
+    for i, p in enumerate(params):
+        eng.add_request(eng.tokenizer.chat_ids([{"role": "user", "content": f"Say the number {i}."}]), p)
+    finished = 0
+    while eng.has_unfinished_requests():
+        finished += sum(o.finished for o in eng.step())
+    assert finished == 32
+    assert eng.stats()["prefix_cache"]["hit_tokens"] > 0
+    eng.close()

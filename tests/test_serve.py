@@ -31,7 +31,8 @@ def server(smollm2_dir):
     port = free_port()
     glake = os.path.join(os.path.dirname(sys.executable), "glake")
     proc = subprocess.Popen([glake, "serve", "--port", str(port), "--max-model-len", "512", "--max-num-seqs", "32",
-                             "--kv-cache-memory", "128MiB", "--api-key", KEY],
+                             "--kv-cache-memory", "128MiB", "--kv-max-memory", "160MiB", "--kv-idle-release", "2",
+                             "--api-key", KEY],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
@@ -150,10 +151,38 @@ def test_afterwards_no_page_is_held_by_a_request(server):
     snap = memory(server)
     requests = [s for s in snap["slots"] if not s["internal"]]
     assert all(s["owner"] is None for s in requests)
-    # idle slots keep their pages for reuse (reclaimable at any time); the anchor slot keeps one page
-    idle_pages = sum(s["mapped_pages"] for s in snap["slots"])
+    # physical pages still in use belong to idle slots (kept for reuse, reclaimable), the prefix
+    # cache, or the anchor slot; none to a request
+    held = {}
+    for vt in snap["vtensors"]:
+        for page in vt["physical_pages"]:
+            held.setdefault(page, []).append(vt["name"])
     pool = snap["pool"]
-    assert pool["free_pages"] + idle_pages == pool["total_pages"], (pool, idle_pages)
+    assert pool["used_pages"] == len(held)
+    assert pool["free_pages"] + len(held) == pool["total_pages"]
+
+
+def test_idle_release_and_the_limit_endpoint(server):
+    for _ in range(60):  # --kv-idle-release 2: free pages go back once the server idles
+        snap = memory(server)
+        if snap["pool"]["pages_released"] > 0:
+            break
+        time.sleep(0.25)
+    assert snap["pool"]["pages_released"] > 0 and snap["pool"]["free_pages"] == 0
+    glake = os.path.join(os.path.dirname(sys.executable), "glake")
+    out = subprocess.run([glake, "inspect-memory", "--url", server, "--api-key", KEY, "--set-limit", "96MiB"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "KV pool limit: 0.09 GiB" in out.stdout, out.stdout + out.stderr
+    assert memory(server)["engine"]["kv_max_pages"] * memory(server)["pool"]["page_size"] <= 96 << 20
+    r = httpx.post(server + "/v1/memory/limit", json={"max_bytes": 1000}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and "cannot hold one request" in r.json()["error"]["message"]
+    r = httpx.post(server + "/v1/memory/limit", json={"max_bytes": "lots"}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and "max_bytes must be a positive integer" in r.json()["error"]["message"]
+    # under the new limit the pool grows back as requests come, and they all succeed
+    client = OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+    outs = [client.completions.create(model=MODEL, prompt=f"Story {i}:", max_tokens=20, temperature=0)
+            for i in range(4)]
+    assert all(o.usage.completion_tokens == 20 for o in outs)
 
 
 def test_inspect_memory_json_against_the_server(server):

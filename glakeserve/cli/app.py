@@ -69,6 +69,7 @@ def chat(
     max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 512,
     live_memory: Annotated[bool, typer.Option(help="Show the KV memory live while a reply streams.")] = True,
     history_file: Annotated[Optional[Path], typer.Option(help="Where the input history is kept.")] = None,
+    no_prefix_caching: Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")] = False,
 ) -> None:
     """Chat with a model in the terminal; replies stream, and the KV memory is shown live."""
     from glakeserve.cli.chat import ChatSession, run_repl
@@ -80,7 +81,7 @@ def chat(
     except ValueError as e:
         fail(str(e))
     llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, 1, None, kv_cache_memory, load_format,
-                                     kv_layout, seed))
+                                     kv_layout, seed), enable_prefix_caching=not no_prefix_caching)
     if llm.tokenizer is None or not llm.tokenizer.has_chat_template:
         fail("this model has no chat template; use `glake serve` with /v1/completions instead")
     if history_file is None:
@@ -118,6 +119,7 @@ def bench(
         fail(f"--dataset must be sharegpt or random, got {dataset!r}")
     kwargs = O.engine_kwargs(model, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens,
                              kv_cache_memory, load_format, kv_layout, seed)
+    kwargs["enable_prefix_caching"] = not no_prefix_caching
     llm = make_llm(**kwargs)
     engine = llm.engine
     try:
@@ -168,15 +170,31 @@ def inspect_memory(
     api_key: Annotated[Optional[str], typer.Option(help="The server's API key, if it has one.")] = None,
     watch: Annotated[Optional[float], typer.Option(help="Refresh every this many seconds (Ctrl-C stops).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the state as JSON, for scripts.")] = False,
+    set_limit: Annotated[Optional[str], typer.Option(
+        help="With --url: change how far the server's KV pool may grow (e.g. 8GiB).")] = None,
     model: O.Model = None, device: O.Device = "auto", load_format: O.LoadFormat = "auto",
     kv_layout: O.KVLayout = "token-major",
 ) -> None:
     """The KV allocator's state: pool totals, each slot's mapped and reserved pages, a page map.
     Without --url it runs a short demo workload on the engine."""
-    from glakeserve.cli.inspect import DemoWorkload, fetch_snapshot, show
+    from glakeserve.cli.inspect import DemoWorkload, fetch_snapshot, post_limit, show
 
     if watch is not None and watch <= 0:
         fail("--watch takes a positive number of seconds")
+    if set_limit is not None:
+        if not url:
+            fail("--set-limit changes a running server: give its --url")
+        limit = O.parse_memory(set_limit)
+        if limit is None or limit <= 1:
+            fail("--set-limit takes bytes, like 8GiB")
+        try:
+            result = post_limit(url, int(limit), api_key)
+        except (ConnectionError, ValueError) as e:
+            fail(str(e))
+        console.print(f"KV pool limit: {result['max_bytes'] / 2**30:.2f} GiB ({result['max_pages']} pages); "
+                      f"now {result['total_bytes'] / 2**30:.2f} GiB in {result['total_pages']} pages")
+        if not as_json and watch is None:
+            return
     if url:
         def get():
             try:
@@ -203,6 +221,10 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(envvar="GLAKE_API_KEY",
                                                    help="Require 'Authorization: Bearer KEY' on /v1/.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="The model name clients use.")] = None,
+    kv_max_memory: O.KVMemory = None,
+    kv_idle_release: Annotated[float, typer.Option(
+        help="Seconds with no request after which free KV pages go back to the device (0: never).")] = 60.0,
+    no_prefix_caching: Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")] = False,
 ) -> None:
     """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics and /v1/memory."""
@@ -212,8 +234,9 @@ def serve(
     from glakeserve.server.async_engine import AsyncEngine
 
     llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens,
-                                     kv_cache_memory, load_format, kv_layout, seed))
-    engine = AsyncEngine(llm.engine)
+                                     kv_cache_memory, load_format, kv_layout, seed),
+                   kv_cache_max_memory=O.parse_memory(kv_max_memory), enable_prefix_caching=not no_prefix_caching)
+    engine = AsyncEngine(llm.engine, idle_release_s=kv_idle_release)
     name = served_model_name or llm.engine.model_name
     console.print(f"[bold]glake serve[/bold] · {name} on http://{host}:{port} "
                   f"({'API key required' if api_key else 'no API key'})")

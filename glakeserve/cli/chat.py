@@ -146,6 +146,13 @@ class ChatSession:
             t.add_row(key.replace("_", " "), str(s[key]))
         pool = s["pool"]
         t.add_row("pool pages used", f"{pool['used_pages']} / {pool['total_pages']}")
+        t.add_row("aliased (shared) pages", str(pool["shared_pages"]))
+        pc = s["prefix_cache"]
+        if pc:
+            t.add_row("prefix cache", f"{pc['entries']} entries, {pc['cached_pages']} pages")
+            t.add_row("prefix cache hits", f"{pc['hit_tokens']} tokens reused over {pc['lookups']} lookups")
+        else:
+            t.add_row("prefix cache", "off")
         t.add_row("conversation turns", str(self.turns))
         self.console.print(t)
 

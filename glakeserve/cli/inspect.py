@@ -54,6 +54,25 @@ def fetch_snapshot(url: str, api_key: str | None = None) -> dict:
         raise ConnectionError(f"cannot reach a glake server at {url} ({e}); is `glake serve` running?") from None
 
 
+def post_limit(url: str, max_bytes: int, api_key: str | None = None) -> dict:
+    req = urllib.request.Request(url.rstrip("/") + "/v1/memory/limit", method="POST",
+                                 data=json.dumps({"max_bytes": max_bytes}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError):
+            message = f"HTTP {e.code}"
+        raise ValueError(f"the server refused the limit: {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(f"cannot reach a glake server at {url} ({e}); is `glake serve` running?") from None
+
+
 def show(console: Console, get_snapshot, as_json: bool, watch: float | None, advance=None) -> None:
     if as_json:
         print(json.dumps(get_snapshot(), indent=2))

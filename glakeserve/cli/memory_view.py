@@ -48,6 +48,13 @@ def counters_line(pool: dict, engine: dict | None = None) -> Text:
     if engine:
         parts.append(f"mapping waits {engine.get('mapping_waits', 0)} · preemptions {engine.get('preemptions', 0)}"
                      f" · running {engine.get('running', 0)} · waiting {engine.get('waiting', 0)}")
+        pc = engine.get("prefix_cache")
+        if pc:
+            parts.append(f"prefix cache: {pc['entries']} entries ({pc['cached_pages']} pages, {pc['tokens_per_page']} "
+                         f"tokens each) · {pc['hit_tokens']} tokens reused over {pc['lookups']} lookups · "
+                         f"{pc['evicted']} evicted")
+        if engine.get("kv_max_pages"):
+            parts.append(f"pool limit {engine['kv_max_pages']} pages ({human_bytes(engine['kv_max_pages'] * pool['page_size'])})")
     return Text("\n".join(parts), style="dim")
 
 

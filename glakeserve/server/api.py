@@ -182,6 +182,18 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     async def memory():
         return await asyncio.to_thread(engine.call, lambda e: e.memory_snapshot())
 
+    @app.post("/v1/memory/limit")
+    async def memory_limit(request: Request):
+        """{"max_bytes": N}: how far the KV pool may grow; lowering it gives free pages back at once."""
+        body = await read_body(request)
+        value = body.get("max_bytes")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ApiError(400, f"max_bytes must be a positive integer, got {value!r}", param="max_bytes")
+        try:
+            return await asyncio.to_thread(engine.call, lambda e: e.set_kv_limit(value))
+        except ValueError as e:
+            raise ApiError(400, str(e), param="max_bytes") from None
+
     @app.get("/metrics")
     async def metrics():
         stats = await asyncio.to_thread(engine.call, lambda e: e.stats())

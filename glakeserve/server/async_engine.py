@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import traceback
 import uuid
 from collections import deque
@@ -24,8 +25,12 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, idle_release_s: float = 0.0):
+        """idle_release_s > 0: after that long with no request, free KV pages go back to the driver
+        (the pool grows again under load, up to its limit)."""
         self.engine = engine
+        self.idle_release_s = idle_release_s
+        self.released_pages = 0
         self.dead: str | None = None
         self._cv = threading.Condition()  # guards the hand-off queues and streams; never held over a step
         self._engine_lock = threading.Lock()  # held over a step, and by call()
@@ -96,8 +101,16 @@ class AsyncEngine:
         engine = self.engine
         while True:
             with self._cv:
+                idle_since = time.monotonic()
                 while not (self._stopping or self._adds or self._aborts or engine.has_unfinished_requests()):
-                    self._cv.wait()
+                    timeout = None
+                    if self.idle_release_s > 0:
+                        timeout = idle_since + self.idle_release_s - time.monotonic()
+                        if timeout <= 0:
+                            with self._engine_lock:
+                                self.released_pages += engine.release_idle_memory()
+                            idle_since, timeout = float("inf"), None  # once per idle period
+                    self._cv.wait(timeout)
                 if self._stopping:
                     return
                 aborts, self._aborts = list(self._aborts), deque()
