@@ -336,13 +336,16 @@ class LLMEngine:
 
     # ----- elasticity -------------------------------------------------------------------------
     def release_idle_memory(self) -> int:
-        """With no request in the engine: unmaps the pages idle slots keep and gives every free
-        physical page back to the driver. The prefix cache keeps its pages. Returns pages released."""
+        """With no request in the engine: drops what idle slots keep and the prefix cache (pages
+        nobody reads are idle), and gives every free physical page back to the driver. Returns the
+        pages released."""
         if self.pool is None or self.scheduler.has_unfinished():
             return 0
         for slot in self.kv.slots[1:]:
             if slot.owner is None and slot.target:
                 self.kv.release_slot(slot, keep_pages=False)
+        if self.kv.prefix is not None:
+            self.kv.prefix.clear()
         self.kv._drain()
         return self.pool.shrink(self.pool.free_pages())
 

@@ -41,6 +41,11 @@ for stage in $stages; do
     engine)
       run bench_engine $PY benchmarks/engine_gpu.py --json "$OUT/engine_gpu.json" ${ENGINE_ARGS:-}
       ;;
+    prefix)
+      run bench_multiturn $PY benchmarks/multiturn.py --model llama-3-8b --load-format dummy --conversations 64 \
+        --turns 4 --concurrency 16 --max-output 128 --json "$OUT/multiturn.json"
+      run bench_elastic $PY benchmarks/elastic_pool.py --json "$OUT/elastic.json"
+      ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done

@@ -89,3 +89,29 @@ def test_decode_steps_make_no_host_sync(tiny):
         torch.cuda.set_sync_debug_mode("default")
     assert engine.runner.graphs is not None
     engine.close()
+
+
+def test_prefix_caching_on_gpu_matches_without(tmp_path):
+    """8 layers x 8 KV heads x 128 dims in float32: 64 KiB a token, 32 tokens a 2 MiB page."""
+    path = save_tiny_hf_llama(tmp_path / "wide", heads=8, kv_heads=8, hidden=1024, layers=8, vocab=1000,
+                              seed=random.getrandbits(16), max_pos=1024)
+    base = torch.randint(3, 1000, (160,)).tolist()
+    prompts = [base[:n] + torch.randint(3, 1000, (5,)).tolist() for n in (31, 32, 33, 63, 64, 65, 128)]
+    outs = {}
+    for caching in (True, False):
+        engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", max_model_len=512, max_num_seqs=4,
+                                        kv_cache_memory=1 << 30, enable_prefix_caching=caching,
+                                        check_integrity=True))
+        assert engine.kv.tokens_per_page() == 32
+        got = []
+        for p in prompts:  # one after another: each finds its predecessors' pages in the cache
+            engine.add_request(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        got.append(out.token_ids)
+        outs[caching] = got
+        if caching:
+            assert engine.stats()["prefix_cache"]["hit_tokens"] >= 32 * 8
+        engine.close()
+    assert outs[True] == outs[False]
