@@ -246,8 +246,10 @@ class KVCache:
                 return
             self.reclaimed_pages += slot.target * len(self.vtensors)
             self._unmap_all(slot)
-        while self.prefix is not None and self._free_pages() < pages_needed and self.prefix.evict_lru():
-            pass
+        while self.prefix is not None and self._free_pages() < pages_needed:
+            # a batch of the oldest entries at a time (an entry frees a page only if no slot maps it)
+            if not self.prefix.evict_lru(max(1, (pages_needed - self._free_pages()) // len(self.vtensors))):
+                break
         short = pages_needed - self._free_pages()
         if short > 0:
             total = self.pool.stats().total_pages
@@ -382,6 +384,7 @@ class KVCache:
                     self.pool.unmap_batch(self._ranges(slot, b, b + 1))
                     self.prefix.alias_into([entry], base + b)  # same bytes, one physical page fewer
                     slot.shared.add(b)
+                    self.prefix.touch(entry)
             req.indexed_pages = done
         tail = upto_tokens - done * T
         if finished and tail and done not in slot.shared:

@@ -19,6 +19,7 @@ when no slot maps it either. Kernels never notice: a slot is still one contiguou
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +52,7 @@ class PrefixCache:
         # one cache vTensor beside each KV vTensor: entry e lives at page e.page of every one of them
         self.vtensors = [pool.reserve(capacity * self.page_size, f"prefix-cache.{vt.name}") for vt in kv_vtensors]
         self.capacity = capacity
-        self.entries: dict[int, CacheEntry] = {}
+        self.entries: OrderedDict[int, CacheEntry] = OrderedDict()  # least recently used first
         self.children: dict[int, set[int]] = {}  # parent key -> keys of entries that extend it
         self.free = list(range(capacity - 1, -1, -1))
         self.hit_tokens = 0
@@ -100,6 +101,7 @@ class PrefixCache:
         now = time.monotonic()
         for e in full + ([best] if best else []):
             e.last_used = now
+            self.entries.move_to_end(e.key)
         return full, best, best_len
 
     # ----- insertion --------------------------------------------------------------------------
@@ -127,19 +129,25 @@ class PrefixCache:
             k.view(torch.uint8, (ps,), offset=slot_page * ps).copy_(c.view(torch.uint8, (ps,), offset=entry.page * ps))
 
     # ----- eviction ---------------------------------------------------------------------------
-    def evict_lru(self) -> int:
-        """Evicts the least recently used entry and every entry that extends it; returns how many
-        cache pages were unmapped (0 when the cache is empty)."""
-        if not self.entries:
+    def touch(self, entry: CacheEntry) -> None:
+        entry.last_used = time.monotonic()
+        self.entries.move_to_end(entry.key)
+
+    def evict_lru(self, count: int = 1) -> int:
+        """Evicts the `count` least recently used entries and every entry that extends them, with
+        one unmap call; returns how many cache pages were unmapped (0 when the cache is empty)."""
+        doomed: dict[int, CacheEntry] = {}
+        for key in list(self.entries)[:count]:  # OrderedDict: the oldest first
+            stack = [key]
+            while stack:
+                k = stack.pop()
+                if k not in doomed:
+                    doomed[k] = self.entries[k]
+                    stack.extend(self.children.get(k, ()))
+        if not doomed:
             return 0
-        victim = min(self.entries.values(), key=lambda e: e.last_used)
-        doomed, stack = [], [victim.key]
-        while stack:
-            key = stack.pop()
-            doomed.append(self.entries[key])
-            stack.extend(self.children.get(key, ()))
-        self.pool.unmap_batch([(c, e.page, 1) for e in doomed for c in self.vtensors])
-        for e in doomed:
+        self.pool.unmap_batch([(c, e.page, 1) for e in doomed.values() for c in self.vtensors])
+        for e in doomed.values():
             del self.entries[e.key]
             self.children.get(e.parent, set()).discard(e.key)
             self.children.pop(e.key, None)
@@ -148,8 +156,7 @@ class PrefixCache:
         return len(doomed) * len(self.vtensors)
 
     def clear(self) -> None:
-        while self.entries:
-            self.evict_lru()
+        self.evict_lru(len(self.entries))
 
     # ----- inspection -------------------------------------------------------------------------
     def stats(self) -> dict:
