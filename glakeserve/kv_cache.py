@@ -87,9 +87,9 @@ class KVCache:
         self.slot_stride = round_up(max_model_len * self.bytes_per_token, ps)  # bytes, page aligned
         self.pages_per_slot = self.slot_stride // ps
         self.vtensors: list[VTensor] = [pool.reserve(num_slots * self.slot_stride, n) for n in names]
-        if lookahead_tokens is None:  # two pages ahead, at most 64 tokens: enough to hide mapping, and
-            # with small pages (Llama-2-7B token-major: 4 tokens a page) no pile of pages held idle
-            lookahead_tokens = max(1, min(64, 2 * (ps // self.bytes_per_token)))
+        if lookahead_tokens is None:  # 64 tokens: measured on the H100 (RESULTS.md, issue 6 re-run),
+            # two pages ahead (8 tokens for Llama-2-7B token-major) left the mapper behind: 554 waits
+            lookahead_tokens = 64
         self.lookahead_tokens = lookahead_tokens
         self.slots = [Slot(i) for i in range(num_slots)]
         self.block_table = None  # kernels address slots directly

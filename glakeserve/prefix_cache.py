@@ -55,10 +55,10 @@ class PrefixCache:
         self.entries: OrderedDict[int, CacheEntry] = OrderedDict()  # least recently used first
         self.children: dict[int, set[int]] = {}  # parent key -> keys of entries that extend it
         self.free = list(range(capacity - 1, -1, -1))
-        self.hit_tokens = 0
-        self.lookups = 0
-        self.inserted = 0
-        self.evicted = 0
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        self.hit_tokens = self.lookups = self.inserted = self.evicted = 0
 
     # ----- keys -------------------------------------------------------------------------------
     def keys(self, token_ids: list[int], pages: int, known: list[int]) -> list[int]:

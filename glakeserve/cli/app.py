@@ -69,7 +69,7 @@ def chat(
     max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 512,
     live_memory: Annotated[bool, typer.Option(help="Show the KV memory live while a reply streams.")] = True,
     history_file: Annotated[Optional[Path], typer.Option(help="Where the input history is kept.")] = None,
-    no_prefix_caching: Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")] = False,
+    no_prefix_caching: O.NoPrefixCaching = False,
 ) -> None:
     """Chat with a model in the terminal; replies stream, and the KV memory is shown live."""
     from glakeserve.cli.chat import ChatSession, run_repl
@@ -103,6 +103,7 @@ def bench(
     input_len: Annotated[int, typer.Option(min=1, help="random: prompt tokens.")] = 256,
     output_len: Annotated[Optional[int], typer.Option(
         min=1, help="Output tokens (random: required length; sharegpt: overrides the dataset's).")] = None,
+    no_prefix_caching: O.NoPrefixCaching = False,
     backend: Annotated[str, typer.Option(help="glake, or hf for HF transformers as the in-run baseline.")] = "glake",
     hf_batch_size: Annotated[int, typer.Option(min=1, help="hf backend: requests per generate() call.")] = 16,
     output_json: Annotated[Optional[Path], typer.Option(help="Write the figures and the timeline here.")] = None,
@@ -224,7 +225,7 @@ def serve(
     kv_max_memory: O.KVMemory = None,
     kv_idle_release: Annotated[float, typer.Option(
         help="Seconds with no request after which free KV pages go back to the device (0: never).")] = 60.0,
-    no_prefix_caching: Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")] = False,
+    no_prefix_caching: O.NoPrefixCaching = False,
 ) -> None:
     """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics and /v1/memory."""

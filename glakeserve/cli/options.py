@@ -21,6 +21,7 @@ KVMemory = Annotated[Optional[str], typer.Option(
 LoadFormat = Annotated[str, typer.Option(help="auto, or dummy for random weights of a named shape.")]
 KVLayout = Annotated[str, typer.Option(help="token-major or per-layer (see ARCHITECTURE.md).")]
 Seed = Annotated[int, typer.Option(help="Seed for requests that bring none.")]
+NoPrefixCaching = Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")]
 
 UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
