@@ -107,6 +107,11 @@ def test_32_concurrent_streams(client, server):
     assert not errors and len(results) == 32 and all(results.values())
     metrics = httpx.get(server + "/metrics").text
     assert "glake_generation_tokens_total" in metrics and "glake_kv_pool_usage" in metrics
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line and not line.startswith("#")}
+    pc = memory(server)["engine"]["prefix_cache"]
+    assert values["glake_prefix_cache_lookups_total"] == pc["lookups"] >= 32  # each prompt looked up once at least
+    assert values["glake_prefix_cache_hit_tokens_total"] == pc["hit_tokens"]
 
 
 def test_bad_requests_get_openai_errors(client, server):

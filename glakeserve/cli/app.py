@@ -222,7 +222,7 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(envvar="GLAKE_API_KEY",
                                                    help="Require 'Authorization: Bearer KEY' on /v1/.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="The model name clients use.")] = None,
-    kv_max_memory: O.KVMemory = None,
+    kv_max_memory: O.KVMaxMemory = None,
     kv_idle_release: Annotated[float, typer.Option(
         help="Seconds with no request after which free KV pages go back to the device (0: never).")] = 60.0,
     no_prefix_caching: O.NoPrefixCaching = False,

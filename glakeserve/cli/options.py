@@ -18,6 +18,8 @@ MaxNumSeqs = Annotated[Optional[int], typer.Option(help="Requests running at onc
 MaxBatchedTokens = Annotated[Optional[int], typer.Option(help="Token budget of one step (chunked prefill).")]
 KVMemory = Annotated[Optional[str], typer.Option(
     help="KV cache size: bytes (e.g. 2GiB, 512MiB) or a fraction of free memory (e.g. 0.5).")]
+KVMaxMemory = Annotated[Optional[str], typer.Option(
+    help="How far the KV pool may grow when short (it starts at --kv-cache-memory): bytes or a fraction.")]
 LoadFormat = Annotated[str, typer.Option(help="auto, or dummy for random weights of a named shape.")]
 KVLayout = Annotated[str, typer.Option(help="token-major or per-layer (see ARCHITECTURE.md).")]
 Seed = Annotated[int, typer.Option(help="Seed for requests that bring none.")]

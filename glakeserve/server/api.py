@@ -228,6 +228,15 @@ def prometheus(stats: dict, model: str) -> str:
         ("glake_generation_tokens_total", "counter", "Tokens generated", stats["generation_tokens"]),
         ("glake_requests_finished_total", "counter", "Requests finished", stats["finished"]),
     ]
+    if stats.get("prefix_cache"):
+        pc = stats["prefix_cache"]
+        rows += [
+            ("glake_prefix_cache_pages", "gauge", "KV pages held by the prefix cache", pc["cached_pages"]),
+            ("glake_prefix_cache_lookups_total", "counter", "Prompts looked up in the prefix cache", pc["lookups"]),
+            ("glake_prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache",
+             pc["hit_tokens"]),
+            ("glake_prefix_cache_evicted_total", "counter", "Prefix-cache entries evicted", pc["evicted"]),
+        ]
     lines = []
     for name, kind, help_, value in rows:
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f'{name}{{model="{model}"}} {value}']
