@@ -181,6 +181,11 @@ def test_idle_release_and_the_limit_endpoint(server):
     assert memory(server)["engine"]["kv_max_pages"] * memory(server)["pool"]["page_size"] <= 96 << 20
     r = httpx.post(server + "/v1/memory/limit", json={"max_bytes": 1000}, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and "cannot hold one request" in r.json()["error"]["message"]
+    refused = subprocess.run([glake, "inspect-memory", "--url", server, "--api-key", KEY, "--set-limit", "1KiB"],
+                             capture_output=True, text=True, timeout=60)
+    message = " ".join(refused.stderr.split())  # rich wraps long lines
+    assert refused.returncode == 2 and "the server refused the limit" in message, refused.stderr
+    assert "cannot hold one request" in message
     r = httpx.post(server + "/v1/memory/limit", json={"max_bytes": "lots"}, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and "max_bytes must be a positive integer" in r.json()["error"]["message"]
     # under the new limit the pool grows back as requests come, and they all succeed

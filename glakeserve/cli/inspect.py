@@ -41,36 +41,38 @@ class DemoWorkload:
         return self.llm.engine.memory_snapshot()
 
 
-def fetch_snapshot(url: str, api_key: str | None = None) -> dict:
-    req = urllib.request.Request(url.rstrip("/") + "/v1/memory")
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        raise ConnectionError(f"{url} answered {e.code}: {e.read().decode(errors='replace')[:200]}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise ConnectionError(f"cannot reach a glake server at {url} ({e}); is `glake serve` running?") from None
-
-
-def post_limit(url: str, max_bytes: int, api_key: str | None = None) -> dict:
-    req = urllib.request.Request(url.rstrip("/") + "/v1/memory/limit", method="POST",
-                                 data=json.dumps({"max_bytes": max_bytes}).encode(),
+def _request(url: str, path: str, api_key: str | None, body: dict | None = None, timeout: float = 10) -> dict:
+    """JSON from a glake server; an HTTP error status is raised as urllib's HTTPError for the caller."""
+    req = urllib.request.Request(url.rstrip("/") + path, method="GET" if body is None else "POST",
+                                 data=None if body is None else json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
+    except urllib.error.HTTPError:
+        raise
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(f"cannot reach a glake server at {url} ({e}); is `glake serve` running?") from None
+
+
+def fetch_snapshot(url: str, api_key: str | None = None) -> dict:
+    try:
+        return _request(url, "/v1/memory", api_key)
+    except urllib.error.HTTPError as e:
+        raise ConnectionError(f"{url} answered {e.code}: {e.read().decode(errors='replace')[:200]}") from None
+
+
+def post_limit(url: str, max_bytes: int, api_key: str | None = None) -> dict:
+    try:
+        return _request(url, "/v1/memory/limit", api_key, {"max_bytes": max_bytes}, timeout=30)
     except urllib.error.HTTPError as e:
         try:
             message = json.loads(e.read())["error"]["message"]
         except (ValueError, KeyError):
             message = f"HTTP {e.code}"
         raise ValueError(f"the server refused the limit: {message}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise ConnectionError(f"cannot reach a glake server at {url} ({e}); is `glake serve` running?") from None
 
 
 def show(console: Console, get_snapshot, as_json: bool, watch: float | None, advance=None) -> None:
