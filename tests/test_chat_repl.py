@@ -48,7 +48,7 @@ def test_chat_turn_commands_and_exit(repl):
     turn(child, "/frobnicate", "unknown command /frobnicate")
     turn(child, "/system You are a pirate.", "System prompt set")
     turn(child, "/clear", "its KV memory is free")
-    child.sendline("/exit")
+    child.sendline("/quit")  # /exit and /bye leave the same way
     child.expect("bye")
     child.expect(pexpect.EOF)
     assert (tmp / "history").read_text().count("/show") == 1  # input history is kept on disk

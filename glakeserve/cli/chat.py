@@ -22,7 +22,8 @@ from glakeserve.sampling import SamplingParams
 
 COMMANDS = {
     "/help": "show this help",
-    "/exit": "leave (also /bye, or Ctrl-D)",
+    "/exit": "leave (also /quit, /bye, or Ctrl-D)",
+    "/quit": "leave",
     "/bye": "leave",
     "/clear": "start a new conversation and free its KV memory",
     "/system": "/system TEXT: set the system prompt (and start a new conversation)",
@@ -63,7 +64,7 @@ class ChatSession:
     def command(self, text: str) -> bool:
         name, _, arg = text.partition(" ")
         arg = arg.strip()
-        if name in ("/exit", "/bye"):
+        if name in ("/exit", "/quit", "/bye"):
             return False
         if name == "/help":
             t = Table(show_header=False, box=None)
