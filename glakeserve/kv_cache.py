@@ -340,8 +340,8 @@ class KVCache:
         if partial is not None and j:
             # page k needs a private page to copy into. No reclaiming for it here: that could evict
             # the very entry about to be copied; without a free page the tokens are recomputed instead
-            if slot.mapped <= k:
-                if self._free_pages() >= len(self.vtensors):
+            if slot.mapped <= k:  # free pages a queued map-ahead job will take are not free
+                if self._available_pages() >= len(self.vtensors):
                     self.pool.map_batch(self._ranges(slot, k, k + 1))
                     slot.mapped = slot.target = k + 1
             if slot.mapped > k:
@@ -380,7 +380,8 @@ class KVCache:
                 if entry is None:
                     if self.prefix.insert(keys[b], parent, tokens, base + b, partial=False):
                         slot.shared.add(b)
-                elif entry.tokens == tokens and b not in slot.shared and entry.partial_len is None:
+                elif (entry.tokens == tokens and entry.parent == parent and b not in slot.shared
+                      and entry.partial_len is None):
                     self.pool.unmap_batch(self._ranges(slot, b, b + 1))
                     self.prefix.alias_into([entry], base + b)  # same bytes, one physical page fewer
                     slot.shared.add(b)

@@ -55,6 +55,7 @@ class PrefixCache:
         self.entries: OrderedDict[int, CacheEntry] = OrderedDict()  # least recently used first
         self.children: dict[int, set[int]] = {}  # parent key -> keys of entries that extend it
         self.free = list(range(capacity - 1, -1, -1))
+        self.copy_pending = False  # a copy_into may still be queued on the GPU
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -83,7 +84,9 @@ class PrefixCache:
         while (len(full) + 1) * T <= limit:
             tokens = tuple(token_ids[len(full) * T:(len(full) + 1) * T])
             entry = self.entries.get(block_key(parent, tokens))
-            if entry is None or entry.partial_len is not None or entry.tokens != tokens:
+            # the key is a hash: check what it stands for. The parent check makes the whole chain
+            # checked (by induction), so a collision can cost a miss but never serve wrong KV
+            if entry is None or entry.partial_len is not None or entry.tokens != tokens or entry.parent != parent:
                 break
             full.append(entry)
             parent = entry.key
@@ -126,7 +129,9 @@ class PrefixCache:
         """Copies an entry's page into a (mapped, private) page of a slot: copy-on-write."""
         ps = self.page_size
         for c, k in zip(self.vtensors, self.kv_vtensors):
-            k.view(torch.uint8, (ps,), offset=slot_page * ps).copy_(c.view(torch.uint8, (ps,), offset=entry.page * ps))
+            dst = k.view(torch.uint8, (ps,), offset=slot_page * ps)
+            dst.copy_(c.view(torch.uint8, (ps,), offset=entry.page * ps))
+            self.copy_pending |= dst.is_cuda  # queued on the stream: its source must stay mapped until it runs
 
     # ----- eviction ---------------------------------------------------------------------------
     def touch(self, entry: CacheEntry) -> None:
@@ -146,6 +151,9 @@ class PrefixCache:
                     stack.extend(self.children.get(k, ()))
         if not doomed:
             return 0
+        if self.copy_pending:  # a copy-on-write queued on the GPU may still read one of these pages
+            torch.cuda.current_stream().synchronize()
+            self.copy_pending = False
         self.pool.unmap_batch([(c, e.page, 1) for e in doomed.values() for c in self.vtensors])
         for e in doomed.values():
             del self.entries[e.key]

@@ -158,3 +158,107 @@ def test_many_requests_sharing_a_prefix_under_pressure(smollm2_dir):
     assert finished == 32
     assert eng.stats()["prefix_cache"]["hit_tokens"] > 0
     eng.close()
+
+
+def tiny(caching: bool, pages: int = 200) -> LLMEngine:
+    """tiny-llama with random weights: 1 KiB of KV a token, 4 tokens a 4 KiB host page."""
+    return LLMEngine(EngineConfig(model="tiny-llama", load_format="dummy", max_model_len=128, max_num_seqs=4,
+                                  max_num_batched_tokens=32, page_size=4096, kv_cache_memory=pages * 4096,
+                                  enable_prefix_caching=caching, check_integrity=True))
+
+
+def test_a_hash_collision_never_serves_another_prefixs_kv(monkeypatch):
+    """Chain keys are hashes. Force every page whose tokens match to collide whatever its parent:
+    the lookup must check the parent and miss, not serve the other prompt's KV."""
+    rng = random.Random()
+    shared = [rng.randrange(10, 1000) for _ in range(4)]
+    firsts = rng.sample(range(10, 1000), 3)  # distinct, so no prompt shares even a partial first page
+    prompts = [[f] + [rng.randrange(10, 1000) for _ in range(3)] + shared + [rng.randrange(10, 1000)] for f in firsts]
+    reference = tiny(False)
+    expected = run(reference, prompts, [0, 6, 12], max_tokens=6)
+    reference.close()
+    import glakeserve.prefix_cache as pc
+    monkeypatch.setattr(pc, "block_key", lambda parent, tokens: hash(tokens) or 1)
+    eng = tiny(True)
+    assert run(eng, prompts, [0, 6, 12], max_tokens=6) == expected
+    assert eng.stats()["prefix_cache"]["hit_tokens"] == 0  # page 1 collides across prompts: all misses
+    eng.close()
+
+
+class SlowWorker:
+    """Stands in for a worker that has not started the queued jobs yet: a job runs when a synchronous
+    call comes (the allocator's claim() makes a synchronous map wait for queued jobs the same way)."""
+
+    def __init__(self, pool):
+        self.pool, self.queued = pool, []
+        self.map_now = pool.map_batch
+        for name in ("map_batch", "unmap_batch", "alias_batch"):
+            setattr(pool, name, self.after_queued(getattr(pool, name)))
+        pool.map_async = self.map_async
+
+    def run_queued(self):
+        while self.queued:
+            self.queued.pop(0).wait()
+
+    def after_queued(self, call):
+        return lambda *a, **k: (self.run_queued(), call(*a, **k))[1]
+
+    def map_async(self, items):
+        slow = self
+
+        class Job:
+            finished = False
+
+            def done(self):
+                return self.finished
+
+            def wait(self):
+                if not self.finished:
+                    self.finished = True
+                    slow.map_now(items)
+
+        self.queued.append(Job())
+        return self.queued[-1]
+
+
+def test_copy_on_write_admission_counts_pages_a_queued_job_will_take():
+    """A running request's map-ahead job, queued but not started, will take every free page. A new
+    request whose prompt matches part of a cached page then finds no private page for the copy: it
+    must recompute those tokens, not fail the step (which in the server fails every stream)."""
+    rng = random.Random()
+    cached = [rng.randrange(10, 1000) for _ in range(6)]  # a full page and a partial one at finish
+    long_prompt = [rng.randrange(10, 1000) for _ in range(20)]
+    newcomer = cached[:3] + [rng.randrange(10, 1000)]  # 3 tokens of the cached first page
+    params = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
+
+    def serve(eng, slow: SlowWorker | None):
+        outs = {}
+        eng.add_request(cached, params(1))
+        while eng.has_unfinished_requests():
+            eng.step()
+        long_id = eng.add_request(long_prompt, params(40))
+        for out in eng.step():
+            outs[out.request_id] = out.token_ids
+        if slow:
+            slow.run_queued()
+            running = eng.scheduler.running[0]
+            # the next map-ahead wants exactly every free page
+            eng.kv.lookahead_tokens = (running.slot.target + eng.pool.free_pages()) * 4 - running.num_tokens - 1
+        for out in eng.step():
+            outs[out.request_id] = out.token_ids
+        if slow:
+            assert slow.queued and eng.pool.free_pages() > 0  # the job is queued, its pages still look free
+        new_id = eng.add_request(newcomer, params(4))
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished:
+                    outs[out.request_id] = out.token_ids
+        return outs[long_id], outs[new_id]
+
+    reference = tiny(False, pages=34)
+    expected = serve(reference, None)
+    reference.close()
+    eng = tiny(True, pages=34)
+    slow = SlowWorker(eng.pool)
+    assert serve(eng, slow) == expected
+    eng.close()
