@@ -201,7 +201,10 @@ def test_inspect_memory_json_against_the_server(server):
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     snap = json.loads(out.stdout)
-    assert snap["pool"]["total_pages"] == memory(server)["pool"]["total_pages"]
+    live = memory(server)  # the pool itself may shrink in between (idle release after 2 s): compare what stays
+    assert snap["pool"]["page_size"] == live["pool"]["page_size"]
+    assert snap["engine"]["kv_max_pages"] == live["engine"]["kv_max_pages"]
+    assert len(snap["slots"]) == len(live["slots"])
     assert snap["engine"]["model"] == MODEL
     bad = subprocess.run([glake, "inspect-memory", "--url", "http://127.0.0.1:1", "--json"], capture_output=True,
                          text=True, timeout=60)
