@@ -22,6 +22,7 @@ import torch
 from glakeserve.datasets import sample_sharegpt
 from glakeserve.llm import LLM
 from glakeserve.sampling import SamplingParams
+from report import save_json
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -117,9 +118,7 @@ def main() -> None:
         "batch16_preemptions_ours": llm.engine.stats()["preemptions"],
     })
     print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(result, args.json)
 
 
 if __name__ == "__main__":

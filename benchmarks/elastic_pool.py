@@ -20,6 +20,7 @@ import torch
 from glakeserve.llm import LLM
 from glakeserve.sampling import SamplingParams
 from glakeserve.server.async_engine import AsyncEngine
+from report import save_json
 
 GIB = float(1 << 30)
 
@@ -84,9 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     out = asyncio.run(run(args))
     print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    save_json(out, args.json)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from glakeserve.datasets import BenchRequest, sample_sharegpt
 from glakeserve.llm import LLM
 from glakeserve.model.config import DUMMY_SHAPES
 from glakeserve.sampling import SamplingParams
+from report import save_json
 
 console = Console()
 
@@ -139,9 +140,7 @@ def main() -> None:
     result: dict = {"device": torch.cuda.get_device_name()}
 
     def save():
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+        save_json(result, args.json)
 
     from glakeserve.tokenizer import Tokenizer
     from glakeserve.model.loader import _default_tokenizer_dir

@@ -21,6 +21,7 @@ from glakeserve.attention import triton_ops as ops
 from glakeserve.kv_cache import KVCache
 from glakeserve.model.config import DUMMY_SHAPES
 from glakeserve.vtensor import PagePool
+from report import save_json
 
 HEADS = {"llama-2-7b": DUMMY_SHAPES["llama-2-7b"], "llama-3-8b": DUMMY_SHAPES["llama-3-8b"]}
 MAX_BYTES = 36 << 30  # skip points whose cache would not fit beside everything else
@@ -159,9 +160,7 @@ def main() -> None:
               f"SDPA {r['sdpa_TFLOPs']:.0f} TFLOP/s ({100 * r['ours_TFLOPs'] / r['sdpa_TFLOPs']:.0f}%)", flush=True)
         if args.sweep:
             print("  " + json.dumps({k: round(v) for k, v in r["all_configs_TFLOPs"].items()}), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import time
 
@@ -22,6 +21,7 @@ import torch
 from glakeserve.datasets import load_conversations
 from glakeserve.llm import LLM
 from glakeserve.sampling import SamplingParams
+from report import save_json
 
 
 def pick(tok, count: int, turns: int, max_user: int, max_output: int) -> list[list[tuple[list[int], int]]]:
@@ -135,9 +135,7 @@ def main() -> None:
     result["throughput_ratio"] = result["on"]["total_tokens_per_s"] / result["off"]["total_tokens_per_s"]
     print(f"mean TTFT from turn 3 on: {result['ttft_speedup_turn3_on']:.2f}x lower with prefix caching; "
           f"throughput {result['throughput_ratio']:.2f}x", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(result, args.json)
 
 
 if __name__ == "__main__":

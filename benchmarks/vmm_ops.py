@@ -17,6 +17,7 @@ import time
 import torch
 
 from glakeserve.vtensor import PagePool
+from report import save_json
 
 
 def timed(fn) -> float:
@@ -161,9 +162,7 @@ def main() -> None:
     sizes = [m for m in map(int, args.page_sizes.split(",")) if (m << 20) % page_size == 0]
     result.update(page_size_sweep(args.backend, nbytes, sizes))
     print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -78,3 +78,19 @@ class DirectRunner:
     def close(self):
         self.kv.close()
         self.pool.close()
+
+
+def finish_all(engine, prompts: list, params, arrivals: list[int] | None = None) -> list[list[int]]:
+    """Runs prompts (token id lists) through an engine to completion, prompt i added before step
+    arrivals[i] (all at once by default); returns each one's output tokens, in prompt order."""
+    arrivals = arrivals or [0] * len(prompts)
+    ids, done, step = {}, {}, 0
+    while len(ids) < len(prompts) or engine.has_unfinished_requests():
+        for i, (p, at) in enumerate(zip(prompts, arrivals)):
+            if at == step:
+                ids[engine.add_request(p, params)] = i
+        for out in engine.step():
+            if out.finished:
+                done[ids[out.request_id]] = out.token_ids
+        step += 1
+    return [done[i] for i in range(len(prompts))]

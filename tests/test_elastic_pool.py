@@ -5,6 +5,7 @@ import pytest
 
 from glakeserve.engine import EngineConfig, LLMEngine
 from glakeserve.sampling import SamplingParams
+from helpers import finish_all
 
 PAGE = 2 * 184320  # 8 SmolLM2 tokens (float32, token-major) a page
 
@@ -15,14 +16,7 @@ def make(pages, max_pages=None):
 
 
 def run(eng, prompts, max_tokens=24):
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    ids = [eng.add_request(p, params) for p in prompts]
-    done = {}
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
-    return [done[i] for i in ids]
+    return finish_all(eng, prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
 
 
 PROMPTS = ["Tell me about the moon.", "List three fruits:", "Why is the sky blue?", "Count from one:"]

@@ -5,6 +5,7 @@ import pytest
 
 from glakeserve.engine import EngineConfig, LLMEngine
 from glakeserve.sampling import SamplingParams
+from helpers import finish_all
 
 PROMPTS = [
     "Tell me a story about a dragon who",
@@ -28,15 +29,10 @@ def run(layout: str, pages: int, params: SamplingParams) -> tuple[list[list[int]
                                     kv_cache_memory=pages * page_size, kv_layout=layout,
                                     page_size=None if layout == "paged" else page_size,
                                     check_integrity=True))
-    ids = [engine.add_request(p, params) for p in PROMPTS]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
+    outputs = finish_all(engine, PROMPTS, params)
     stats = engine.stats()
     engine.close()
-    return [done[i] for i in ids], stats
+    return outputs, stats
 
 
 @pytest.mark.parametrize("layout,temperature", [("token-major", 0.0), ("per-layer", 0.0), ("paged", 0.0),

@@ -9,6 +9,7 @@ import torch
 
 from glakeserve.engine import EngineConfig, LLMEngine
 from glakeserve.sampling import SamplingParams
+from helpers import finish_all
 
 # host pages that hold whole tokens: 8 SmolLM2 tokens (float32) token-major, 16 per-layer
 PAGES = {"token-major": 2 * 184320, "per-layer": 12288}
@@ -26,17 +27,7 @@ def engine(layout, caching, pages=None, **kw):
 
 def run(eng, prompts, arrivals, max_tokens=10):
     """prompts arrive at the given steps; returns each one's output tokens."""
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    ids, done, step = {}, {}, 0
-    while len(ids) < len(prompts) or eng.has_unfinished_requests():
-        for i, (p, at) in enumerate(zip(prompts, arrivals)):
-            if at == step:
-                ids[eng.add_request(p, params)] = i
-        for out in eng.step():
-            if out.finished:
-                done[ids[out.request_id]] = out.token_ids
-        step += 1
-    return [done[i] for i in range(len(prompts))]
+    return finish_all(eng, prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), arrivals)
 
 
 @pytest.mark.parametrize("layout", ["token-major", "per-layer"])
