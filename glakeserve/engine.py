@@ -43,7 +43,7 @@ class EngineConfig:
     load_format: str = "auto"
     kv_layout: str = KVLayout.TOKEN_MAJOR.value
     page_size: int | None = None
-    lookahead_tokens: int | None = None  # tokens of pages mapped ahead; default 64
+    lookahead_tokens: int = 64  # tokens of pages mapped ahead of each running request
     attention_backend: str = "auto"  # auto: triton on a GPU, torch on the CPU
     enforce_eager: bool = False  # no CUDA graphs
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay CUDA graphs

@@ -64,7 +64,7 @@ def aligned_host_page_size(bytes_per_token: int, target: int = 2 << 20, os_page:
 
 class KVCache:
     def __init__(self, pool: PagePool, cfg: ModelConfig, dtype: torch.dtype, max_model_len: int,
-                 num_slots: int, layout: KVLayout | str = KVLayout.TOKEN_MAJOR, lookahead_tokens: int | None = None,
+                 num_slots: int, layout: KVLayout | str = KVLayout.TOKEN_MAJOR, lookahead_tokens: int = 64,
                  prefix_caching: bool = False, max_pages: int | None = None):
         self.pool = pool
         self.cfg = cfg
@@ -87,9 +87,8 @@ class KVCache:
         self.slot_stride = round_up(max_model_len * self.bytes_per_token, ps)  # bytes, page aligned
         self.pages_per_slot = self.slot_stride // ps
         self.vtensors: list[VTensor] = [pool.reserve(num_slots * self.slot_stride, n) for n in names]
-        if lookahead_tokens is None:  # 64 tokens: measured on the H100 (RESULTS.md, issue 6 re-run),
-            # two pages ahead (8 tokens for Llama-2-7B token-major) left the mapper behind: 554 waits
-            lookahead_tokens = 64
+        # 64 tokens ahead: two pages (8 tokens for Llama-2-7B token-major) left the mapper behind on
+        # the H100, 554 waits (RESULTS.md, Llama-2-7B re-run)
         self.lookahead_tokens = lookahead_tokens
         self.slots = [Slot(i) for i in range(num_slots)]
         self.block_table = None  # kernels address slots directly
