@@ -323,8 +323,27 @@ class LLMEngine:
             "kv_max_pages": getattr(self.kv, "max_pages", None),
             "pool": pool,
             "slots": self.kv.slot_stats(tokens),
+            "kv_pages": self._kv_pages(pool),
             **self.counters,
         }
+
+    def _kv_pages(self, pool: dict) -> dict:
+        """Pool pages by who holds them: running requests, only the cache (idle slots and the prefix
+        cache: reclaimable at any time, as vLLM counts them), or nobody."""
+        per_block = len(self.kv.vtensors) if self.pool is not None else 1  # pages a slot's page index spans
+        requests = per_block * sum(s.mapped for s in self.kv.slots[1:] if s.owner is not None)
+        used = pool["total_pages"] - pool["free_pages"] - per_block  # the padding slot's page is nobody's
+        return {"total": pool["total_pages"], "free": pool["free_pages"], "requests": min(requests, used),
+                "cached": max(0, used - requests)}
+
+    def drop_cached_kv(self) -> None:
+        """Forgets the KV that idle slots and the prefix cache keep (a chat's /clear): the pages
+        become free. Running requests keep theirs."""
+        for slot in self.kv.slots[1:]:
+            if slot.owner is None and slot.target:
+                self.kv.release_slot(slot, keep_pages=False)
+        if self.pool is not None and self.kv.prefix is not None:
+            self.kv.prefix.clear()
 
     def memory_snapshot(self) -> dict:
         """PagePool.snapshot() plus the slots: what inspect-memory shows."""

@@ -99,10 +99,7 @@ class ChatSession:
 
     def clear(self) -> None:
         self.messages = []
-        engine = self.llm.engine
-        for slot in engine.kv.slots:  # the conversation's KV sits in idle slots: give it back
-            if slot.owner is None and slot.target:
-                engine.kv.release_slot(slot, keep_pages=False)
+        self.llm.engine.drop_cached_kv()  # the conversation's KV sits in idle slots: give it back
 
     def set(self, arg: str) -> None:
         key, _, value = arg.partition(" ")
