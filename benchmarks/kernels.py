@@ -18,8 +18,12 @@ import torch
 import triton
 
 from glakeserve.attention import triton_ops as ops
-from glakeserve.kv_cache import KVCache
+from glakeserve.kv import VTensorKVCache
+from glakeserve.kv.vtensor_cache import default_page_size
 from glakeserve.model.config import DUMMY_SHAPES
+from glakeserve.request import Request, RequestMetrics
+from glakeserve.sampling import SamplingParams
+from glakeserve.scheduler import ScheduledBatch
 from glakeserve.vtensor import PagePool
 from report import save_json
 
@@ -39,21 +43,30 @@ def copy_bandwidth() -> float:
 
 
 def vtensor_caches(cfg, layout, batch, ctx):
-    """K/V views of layer 0 over real mapped VMM pages; per-layer needs only layer 0's vTensors, so
-    it is built for a one-layer model; token-major keeps every layer (the stride depends on it)."""
+    """K/V views of layer 0 over real mapped VMM pages, `ctx` tokens mapped in each of `batch`
+    slots (exactly: no look-ahead), at the page size the engine picks. Per-layer needs only layer
+    0's vTensors, so it is built for a one-layer model; token-major keeps every layer (the stride
+    depends on it). Returns the views and the slot ids the requests were given."""
     from dataclasses import replace
 
     c = cfg if layout == "token-major" else replace(cfg, num_layers=1)
-    need = batch * ctx * c.kv_bytes_per_token * 2  # bf16
-    pool = PagePool(nbytes=need + (batch + 2) * (2 << 20) * (1 if layout == "token-major" else 2), backend="cuda")
-    kv = KVCache(pool, c, torch.bfloat16, ctx, batch, layout=layout)
-    for i in range(batch):
-        s = kv.acquire_slot(f"r{i}", ctx)
-        assert kv.ensure(s, ctx)
+    per_token = c.num_kv_heads * c.head_dim * 2 * (2 * c.num_layers if layout == "token-major" else 1)
+    page = default_page_size(per_token, 2 << 20, host=False)
+    per_block = 1 if layout == "token-major" else 2
+    blocks = -(-ctx * per_token // page)
+    pool = PagePool((batch + 1) * blocks * per_block + per_block, page_size=page, backend="cuda")
+    kv = VTensorKVCache(pool, c, torch.bfloat16, ctx, batch, layout=layout, prefix_caching=False, lookahead_tokens=0,
+                        owns_pool=True)
+    reqs = [Request(f"r{i}", [1] * ctx, SamplingParams(), 0, RequestMetrics(0.0), 1) for i in range(batch)]
+    for r in reqs:
+        assert kv.admit(r) and kv.reserve(r, ctx)
+        r.num_computed_tokens = ctx
+    kv.begin_step(ScheduledBatch(requests=reqs, num_new_tokens=[ctx] * batch, starts=[0] * batch))  # maps done
+    slots = torch.tensor([r.slot.index for r in reqs], device="cuda")
     k, v = kv.k_cache(0), kv.v_cache(0)
-    k[:batch, :ctx].normal_()  # only the mapped part: the padding slot's pages are not (an illegal address)
-    v[:batch, :ctx].normal_()
-    return (k, v, None), (kv, pool)
+    k[slots, :ctx] = torch.randn(batch, ctx, c.num_kv_heads, c.head_dim, dtype=torch.bfloat16, device="cuda")
+    v[slots, :ctx] = torch.randn_like(k[slots, :ctx])
+    return (k, v, None, slots), kv
 
 
 def paged_caches(cfg, batch, ctx):
@@ -62,7 +75,7 @@ def paged_caches(cfg, batch, ctx):
     k = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
     v = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
     table = torch.randperm(blocks, device="cuda").view(batch, ctx // 16).to(torch.int32)
-    return (k, v, table), None
+    return (k, v, table, torch.arange(batch, device="cuda")), None
 
 
 def decode_point(cfg, layout, batch, ctx, splits_for) -> dict | None:
@@ -71,18 +84,16 @@ def decode_point(cfg, layout, batch, ctx, splits_for) -> dict | None:
                            * cfg.head_dim * 2)
     if alloc > MAX_BYTES:
         return None
-    (k, v, table), owner = paged_caches(cfg, batch, ctx) if layout == "paged" else vtensor_caches(cfg, layout, batch,
-                                                                                                     ctx)
+    (k, v, table, slots), owner = (paged_caches(cfg, batch, ctx) if layout == "paged"
+                                   else vtensor_caches(cfg, layout, batch, ctx))
     q = torch.randn(batch, cfg.num_heads, cfg.head_dim, dtype=torch.bfloat16, device="cuda")
-    slots = torch.arange(batch, device="cuda")
     lens = torch.full((batch,), ctx, device="cuda")
     splits = splits_for(batch)
     scratch = ops.decode_scratch(batch, cfg.num_heads, cfg.head_dim, splits, "cuda")
     out = torch.empty_like(q)
     t = bench(lambda: ops.decode_attention(q, k, v, slots, lens, splits, out=out, scratch=scratch, block_table=table))
     if owner is not None:
-        owner[0].close()
-        owner[1].close()
+        owner.close()
     del k, v, table
     torch.cuda.empty_cache()
     return {"layout": layout, "batch": batch, "context": ctx, "splits": splits, "us": t * 1e6,

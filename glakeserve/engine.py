@@ -1,24 +1,28 @@
-"""LLMEngine: add requests, step (schedule -> run -> postprocess), read the outputs."""
+"""LLMEngine: add requests, step (schedule -> launch -> update -> outputs), read the outputs.
+
+With async scheduling (the default on a GPU) a step launches the next batch before it reads the
+tokens of the batch before: the host schedules, builds inputs and launches while the device still
+computes, and reads tokens one step late for stop checks, streaming and bookkeeping. Outputs are
+exactly the serial engine's; a request that stops costs at most one extra step of compute.
+"""
 
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from glakeserve import vtensor
 from glakeserve.attention import make_backend
-from glakeserve.kv_cache import KVCache, KVLayout, aligned_host_page_size
-from glakeserve.kv_paged import PagedKVCache
+from glakeserve.kv import KVLayout, make_kv_cache
 from glakeserve.model.loader import ModelSource, load_model, model_config, resolve_model
-from glakeserve.model_runner import ModelRunner
+from glakeserve.model_runner import LaunchedStep, ModelRunner
 from glakeserve.request import Request, RequestMetrics, RequestOutput
 from glakeserve.sampling import SamplingParams
-from glakeserve.scheduler import Scheduler
+from glakeserve.scheduler import ScheduledBatch, Scheduler
 from glakeserve.tokenizer import Tokenizer, detokenize_step
 
 DTYPES = {
@@ -26,6 +30,7 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
+BIG_GPU = 60 << 30  # GPUs with this much memory batch up to 1,024 sequences by default
 
 
 @dataclass(frozen=True)
@@ -33,20 +38,21 @@ class EngineConfig:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     dtype: str = "auto"  # float32 on CPU, bfloat16 on a GPU
     max_model_len: int | None = None  # default: the model's context, at most 8192
-    max_num_seqs: int | None = None  # default: 16 on CPU, 256 on a GPU
+    max_num_seqs: int | None = None  # default: 16 on CPU; on a GPU 1,024 (256 under 60 GiB)
     max_num_batched_tokens: int | None = None  # default: 1024 on CPU, 8192 on a GPU
     kv_cache_memory: float | None = None  # bytes (> 1) or a fraction of free memory (<= 1)
     kv_cache_max_memory: float | None = None  # elastic limit the pool may grow to (default: kv_cache_memory)
-    enable_prefix_caching: bool = True  # share KV pages of common prefixes by aliasing (vTensor layouts)
+    enable_prefix_caching: bool = True  # idle slots keep their KV for reuse (vTensor layouts)
     device: str = "auto"
     seed: int = 0
     load_format: str = "auto"
     kv_layout: str = KVLayout.TOKEN_MAJOR.value
-    page_size: int | None = None
+    page_size: int | None = None  # bytes of a KV pool page; default: one that holds at least 16 tokens
     lookahead_tokens: int = 64  # tokens of pages mapped ahead of each running request
     attention_backend: str = "auto"  # auto: triton on a GPU, torch on the CPU
     enforce_eager: bool = False  # no CUDA graphs
-    cuda_graph_max_batch: int = 256  # decode batches up to this size replay CUDA graphs
+    cuda_graph_max_batch: int | None = None  # decode batches up to this size replay CUDA graphs (default: max_num_seqs)
+    async_scheduling: bool | None = None  # schedule step N+1 while step N runs (default: on a GPU)
     check_integrity: bool = False  # check the KV cache's books after every step (tests)
 
 
@@ -89,7 +95,8 @@ class LLMEngine:
                              f"{cfg.max_position_embeddings} tokens")
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
-        self.max_num_seqs = config.max_num_seqs or (256 if gpu else 16)
+        big = gpu and torch.cuda.get_device_properties(self.device).total_memory >= BIG_GPU
+        self.max_num_seqs = config.max_num_seqs or (1024 if big else 256 if gpu else 16)
         self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if gpu else 1024)
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
@@ -99,61 +106,22 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and self.source.dummy_config is None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
-        layout = KVLayout(config.kv_layout)
-        num_slots = 2 * self.max_num_seqs  # idle slots keep finished requests' pages for reuse
-        if layout is KVLayout.PAGED:
-            self.pool = None
-            self.kv = PagedKVCache(cfg, self.dtype, self.device, self.max_model_len, num_slots,
-                                   self._kv_cache_bytes(self._memory_info()))
-        else:
-            page_size = config.page_size
-            if page_size is None and not gpu:  # pages holding whole tokens, so the prefix cache can share them
-                per_token = cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
-                page_size = aligned_host_page_size(per_token * (2 * cfg.num_layers if layout is KVLayout.TOKEN_MAJOR
-                                                                else 1))
-            self.pool = vtensor.PagePool(0, page_size=page_size, backend="cuda" if gpu else "host",
-                                         device=self.device.index or 0)
-            info = self.pool.memory_info()
-            pages = self._kv_cache_bytes(info) // self.pool.page_size
-            self.pool.grow(pages)
-            limit = config.kv_cache_max_memory
-            max_pages = int(limit * info[0] if limit <= 1 else limit) // self.pool.page_size if limit else pages
-            self.kv = KVCache(self.pool, cfg, self.dtype, self.max_model_len, num_slots=num_slots, layout=layout,
-                              lookahead_tokens=config.lookahead_tokens,
-                              prefix_caching=config.enable_prefix_caching, max_pages=max_pages)
+        self.kv = make_kv_cache(config.kv_layout, cfg, self.dtype, self.device, self.max_model_len,
+                                num_slots=2 * self.max_num_seqs,  # idle slots keep finished requests' KV
+                                memory=config.kv_cache_memory, max_memory=config.kv_cache_max_memory,
+                                page_size=config.page_size, prefix_caching=config.enable_prefix_caching,
+                                lookahead_tokens=config.lookahead_tokens)
         self.attn = make_backend(config.attention_backend, self.device, cfg.num_kv_heads)
-        self.scheduler = Scheduler(self.kv, self.max_num_seqs, self.max_num_batched_tokens)
-        graphs = 0 if config.enforce_eager else min(config.cuda_graph_max_batch, self.max_num_seqs)
+        self.scheduler = Scheduler(self.kv, self.max_num_seqs, self.max_num_batched_tokens, self.eos_token_ids)
+        graphs = 0 if config.enforce_eager else min(config.cuda_graph_max_batch or self.max_num_seqs, self.max_num_seqs)
         self.runner = ModelRunner(self.model, self.kv, self.attn, self.eos_token_ids, cuda_graph_max_batch=graphs)
+        self.async_scheduling = gpu if config.async_scheduling is None else config.async_scheduling
+        self._in_flight: LaunchedStep | None = None
+        self.last_path = ""  # "graph" or "eager": how the last launched step ran
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "finished": 0}
-
-    def _memory_info(self) -> tuple[int, int]:
-        """(free, total) bytes of the device's memory."""
-        if self.device.type == "cuda":
-            return torch.cuda.mem_get_info(self.device)
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        try:
-            for line in open("/proc/meminfo"):
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return free, total
-
-    def _kv_cache_bytes(self, memory_info: tuple[int, int]) -> int:
-        setting = self.config.kv_cache_memory
-        free, total = memory_info
-        if setting is None:
-            if self.device.type == "cuda":
-                return max(0, int(free - max(1 << 30, 0.1 * total)))
-            return int(min(0.1 * free, 1 << 30))
-        if setting <= 0:
-            raise ValueError(f"kv_cache_memory must be positive (bytes, or a fraction of free memory), got {setting}")
-        return int(setting * free) if setting <= 1 else int(setting)
 
     # ----- requests ---------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -223,29 +191,45 @@ class LLMEngine:
 
     # ----- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """schedule -> launch -> update -> outputs. With async scheduling the tokens read are the
+        previous launch's: this step's batch was scheduled before they were known."""
         batch = self.scheduler.schedule()
         outputs = [self._output(r, "", []) for r in batch.failed]
-        if not batch.empty:
-            sampled = self.runner.execute(batch)
-            outputs += self._postprocess(batch, sampled)
-        self.scheduler.index_prompts()
-        self.scheduler.map_ahead()
         for r in batch.failed:
             self.requests.pop(r.request_id, None)
+        if self._in_flight is not None and self._needs_known_outputs(batch):
+            outputs += self._update(self._in_flight)  # penalties count every output token: read them first
+            self._in_flight = None
+        launched = None
+        if not batch.empty:
+            launched = self.runner.launch(batch)
+            self.last_path = launched.path
+        if self.async_scheduling:
+            if self._in_flight is not None:
+                outputs += self._update(self._in_flight)
+            self._in_flight = launched
+        elif launched is not None:
+            outputs += self._update(launched)
         self.counters["steps"] += 1
         if self.config.check_integrity:
             self.kv.check_integrity(self.scheduler.tokens_held())
         return outputs
 
-    def _postprocess(self, batch, sampled: dict[str, int]) -> list[RequestOutput]:
+    @staticmethod
+    def _needs_known_outputs(batch: ScheduledBatch) -> bool:
+        return any(r.params.uses_penalties for r in batch.samplers)
+
+    def _update(self, step: LaunchedStep) -> list[RequestOutput]:
+        tokens = self.runner.read(step)
+        got = self.scheduler.update(step.batch, tokens)
+        return self._postprocess(got)
+
+    def _postprocess(self, got: list[Request]) -> list[RequestOutput]:
+        """Counters, detokenization, stop strings and outputs for the requests that got a token."""
         outputs = []
         now = time.monotonic()
-        for req, n in zip(batch.requests, batch.num_new_tokens):
-            req.num_computed_tokens += n
-            token = sampled.get(req.request_id)
-            if token is None:
-                continue
-            req.output_token_ids.append(token)
+        for req in got:
+            token = req.output_token_ids[-1]
             self.counters["generation_tokens"] += 1
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
@@ -257,7 +241,8 @@ class LLMEngine:
                     self.tokenizer, req.all_token_ids, req.prefix_offset, req.read_offset,
                     req.params.skip_special_tokens)
                 req.text += new
-            self._check_stop(req, token, before)
+            if not req.finished and req.params.stop:
+                self._check_stop_strings(req, before)
             if req.finished and self.tokenizer is not None and not incremental:
                 req.text = self.tokenizer.decode(req.output_token_ids, req.params.skip_special_tokens)
             if req.stream or req.finished:
@@ -267,25 +252,15 @@ class LLMEngine:
                 self.counters["finished"] += 1
         return outputs
 
-    def _check_stop(self, req: Request, token: int, text_before: int) -> None:
+    def _check_stop_strings(self, req: Request, text_before: int) -> None:
         p = req.params
-        reason, stop_reason = None, None
-        if token in self.eos_token_ids and not p.ignore_eos:
-            reason = "stop"
-        elif token in p.stop_token_ids:
-            reason, stop_reason = "stop", token
-        elif p.stop:
-            start = max(0, text_before - max(len(s) for s in p.stop) + 1)
-            hits = [(req.text.find(s, start), s) for s in p.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                i, s = min(hits)
-                req.text = req.text[: i + len(s)] if p.include_stop_str_in_output else req.text[:i]
-                reason, stop_reason = "stop", s
-        if reason is None and len(req.output_token_ids) >= req.max_tokens:
-            reason = "length"
-        if reason is not None:
-            self.scheduler.finish(req, reason, stop_reason)
+        start = max(0, text_before - max(len(s) for s in p.stop) + 1)
+        hits = [(req.text.find(s, start), s) for s in p.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            i, s = min(hits)
+            req.text = req.text[: i + len(s)] if p.include_stop_str_in_output else req.text[:i]
+            self.scheduler.finish(req, "stop", s)
 
     def _output(self, req: Request, delta_text: str | None, delta_ids: list[int]) -> RequestOutput:
         """delta_text None: compute it. While a request runs, text that could still turn out to
@@ -304,90 +279,69 @@ class LLMEngine:
 
     # ----- inspection -------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Live numbers for the CLI and /metrics: pool, slots, mapping waits, preemptions, queues."""
-        self.kv.poll()
-        tokens = self.scheduler.tokens_held()
-        pool = self.kv.pool_stats()
+        """Live numbers for the CLI, the server and the benchmarks: one read-only call."""
+        kv = self.kv.stats()
+        prefix = None
+        if kv.prefix is not None:
+            prefix = {**asdict(kv.prefix), "cached_pages": kv.cached_pages, "tokens_per_page": kv.tokens_per_block,
+                      "evicted": kv.prefix.evicted_blocks}
         return {
             "model": self.model_name,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
-            "kv_layout": self.kv.layout.value,
-            "tokens_per_page": self.kv.tokens_per_page(),
+            "kv_layout": kv.layout,
+            "tokens_per_page": kv.tokens_per_block,
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "async_scheduling": self.async_scheduling,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
+            "running_tokens": sum(r.num_computed_tokens for r in self.scheduler.running),
             "preemptions": self.scheduler.num_preemptions,
-            "mapping_waits": self.kv.waits,
-            "reclaimed_pages": self.kv.reclaimed_pages,
-            "prefix_cache": self.kv.prefix_stats(),
-            "kv_max_pages": getattr(self.kv, "max_pages", None),
-            "pool": pool,
-            "slots": self.kv.slot_stats(tokens),
-            "kv_pages": self._kv_pages(pool),
+            "mapping_waits": kv.mapping_waits,
+            "engine_driver_calls": kv.engine_driver_calls,
+            "reclaimed_pages": kv.reclaimed_pages,
+            "prefix_cache": prefix,
+            "prefix_cache_disabled": kv.prefix_disabled_reason,
+            "kv_max_pages": kv.max_pages,
+            "kv_bytes_per_token": self.kv.kv_bytes_per_token(),
+            "kv_reserved_pages_per_slot": self.kv.blocks_for(self.max_model_len) * kv.pages_per_block,
+            "last_path": self.last_path,
+            "pool": kv.pool,
+            "slots": self.kv.slot_stats(self.scheduler.tokens_held()),
+            "kv_pages": {"total": kv.total_pages, "free": kv.free_pages, "requests": kv.request_pages,
+                         "cached": kv.cached_pages},
             **self.counters,
         }
 
-    def _kv_pages(self, pool: dict) -> dict:
-        """Pool pages by who holds them: running requests, only the cache (idle slots and the prefix
-        cache: reclaimable at any time, as vLLM counts them), or nobody."""
-        per_block = len(self.kv.vtensors) if self.pool is not None else 1  # pages a slot's page index spans
-        requests = per_block * sum(s.mapped for s in self.kv.slots[1:] if s.owner is not None)
-        used = pool["total_pages"] - pool["free_pages"] - per_block  # the padding slot's page is nobody's
-        return {"total": pool["total_pages"], "free": pool["free_pages"], "requests": min(requests, used),
-                "cached": max(0, used - requests)}
-
-    def drop_cached_kv(self) -> None:
-        """Forgets the KV that idle slots and the prefix cache keep (a chat's /clear): the pages
-        become free. Running requests keep theirs."""
-        for slot in self.kv.slots[1:]:
-            if slot.owner is None and slot.target:
-                self.kv.release_slot(slot, keep_pages=False)
-        if self.pool is not None and self.kv.prefix is not None:
-            self.kv.prefix.clear()
-
     def memory_snapshot(self) -> dict:
-        """PagePool.snapshot() plus the slots: what inspect-memory shows."""
-        self.kv.poll()
+        """The pool's state plus the slots: what inspect-memory shows."""
         snap = self.kv.snapshot()
-        snap["slots"] = self.kv.slot_stats(self.scheduler.tokens_held())
-        snap["engine"] = {k: v for k, v in self.stats().items() if k not in ("pool", "slots")}
+        stats = self.stats()
+        snap["slots"] = stats["slots"]
+        snap["engine"] = {k: v for k, v in stats.items() if k not in ("pool", "slots")}
         return snap
 
-    # ----- elasticity -------------------------------------------------------------------------
+    # ----- the KV pool's life -----------------------------------------------------------------
+    def drop_cached_kv(self) -> None:
+        """Forgets the KV that idle slots keep (a chat's /clear): the pages become free. Running
+        requests keep theirs."""
+        self.kv.drop_cached()
+
     def release_idle_memory(self) -> int:
-        """With no request in the engine: drops what idle slots keep and the prefix cache (pages
-        nobody reads are idle), and gives every free physical page back to the driver. Returns the
-        pages released."""
-        if self.pool is None or self.scheduler.has_unfinished():
+        """With no request in the engine: drops what idle slots keep and gives every free physical
+        page back to the device. Returns the pages released."""
+        if self.scheduler.has_unfinished():
             return 0
-        for slot in self.kv.slots[1:]:
-            if slot.owner is None and slot.target:
-                self.kv.release_slot(slot, keep_pages=False)
-        if self.kv.prefix is not None:
-            self.kv.prefix.clear()
-        self.kv._drain()
-        return self.pool.shrink(self.pool.free_pages())
+        return self.kv.release_idle()
 
     def set_kv_limit(self, max_bytes: int) -> dict:
         """Sets how far the pool may grow. Lowering it gives back free pages at once (never a page a
         request holds); the rest goes as requests finish and the engine idles."""
-        if self.pool is None:
-            raise ValueError("the paged baseline has a fixed pool; the limit applies to vTensor layouts")
-        pages = int(max_bytes) // self.pool.page_size
-        if pages < self.kv.min_pages:
-            raise ValueError(f"a KV limit of {int(max_bytes)} bytes ({pages} pages) cannot hold one request of "
-                             f"max_model_len={self.max_model_len} tokens, which needs {self.kv.min_pages} pages "
-                             f"({self.kv.min_pages * self.pool.page_size} bytes)")
-        self.kv.max_pages = pages
-        total = self.pool.stats().total_pages
-        if total > pages:
-            self.kv._drain()
-            self.pool.shrink(min(total - pages, self.pool.free_pages()))
-        s = self.pool.stats()
-        return {"max_pages": pages, "max_bytes": pages * s.page_size, "total_pages": s.total_pages,
-                "total_bytes": s.total_pages * s.page_size, "free_pages": s.free_pages}
+        return self.kv.set_limit(max_bytes)
 
     def close(self) -> None:
+        if self._in_flight is not None:
+            self.runner.read(self._in_flight)
+            self._in_flight = None
         self.kv.close()
-        if self.pool is not None:
-            self.pool.close()

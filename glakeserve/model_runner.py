@@ -1,24 +1,29 @@
-"""One forward pass for a scheduled batch: inputs and metadata in, sampled token ids out.
+"""One forward pass for a scheduled batch: launch() queues it on the device and returns at once;
+read() returns its sampled tokens. Between the two the host can schedule and launch the next step.
 
-On a GPU nothing in a step waits for the device until the sampled tokens are read: inputs go
-through pinned buffers and non-blocking copies (HostStaging), decode-only steps replay a CUDA graph
-captured for the padded batch size (DecodeGraphs), and the tokens come back through a recorded event.
+On a GPU nothing in launch() waits for the device: inputs go through pinned buffers and non-blocking
+copies (HostStaging, two sets used in turn so that a step in flight keeps its own), decode-only steps
+replay a CUDA graph captured for the padded batch size (DecodeGraphs), sampling runs on the device,
+and the tokens come back through a recorded event. A token the host has not read yet enters the next
+step as -1: the device takes it from `last_token`, where each slot's latest sampled token is kept.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from glakeserve.attention.base import AttentionBackend, AttentionMetadata
+from glakeserve.kv import KVCache
 from glakeserve.model.llama import LlamaModel
-from glakeserve.request import Request
 from glakeserve.sampling import SamplingBatch, sample
 from glakeserve.scheduler import ScheduledBatch
 
 
 class HostStaging:
-    """Device tensors from Python lists without a host sync. Buffers are reused every step: the
-    previous step's copies are complete by then (its tokens were read through an event)."""
+    """Device tensors from Python lists without a host sync, through pinned buffers reused every
+    other step (the step that used them last has completed by then: its tokens were read)."""
 
     def __init__(self, device: torch.device, capacity: int = 1 << 20):
         self.device = device
@@ -27,7 +32,6 @@ class HostStaging:
             self.ints = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
             self.floats = torch.empty(capacity, dtype=torch.float32, pin_memory=True)
             self.result = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
-            self.event = torch.cuda.Event()
         self.used_ints = self.used_floats = 0
 
     def reset(self) -> None:
@@ -50,14 +54,10 @@ class HostStaging:
         dev = host.to(self.device, non_blocking=True)
         return dev if dev.dtype == dtype else dev.to(dtype)
 
-    def read(self, t: torch.Tensor) -> list[int]:
-        if not self.cuda:
-            return t.tolist()
-        host = self.result[: t.numel()]
-        host.copy_(t, non_blocking=True)
-        self.event.record()
-        self.event.synchronize()  # the one wait of a step: the tokens decide the next step
-        return host.tolist()
+
+def resolve_pending(ids: torch.Tensor, token_slots: torch.Tensor, last_token: torch.Tensor) -> torch.Tensor:
+    """-1 marks a token sampled by the step before, not read on the host yet: take it from last_token."""
+    return torch.where(ids >= 0, ids, last_token[token_slots])
 
 
 class DecodeGraphs:
@@ -65,15 +65,15 @@ class DecodeGraphs:
     slots, or the paged baseline's fixed tensors), so a graph stays valid as requests come and go;
     a batch is padded up to the next captured size with rows that point at the padding slot."""
 
-    def __init__(self, model: LlamaModel, kv, attn: AttentionBackend, max_batch: int, max_model_len: int):
+    def __init__(self, model: LlamaModel, kv: KVCache, attn: AttentionBackend, max_batch: int, last_token: torch.Tensor):
         self.model, self.kv, self.attn = model, kv, attn
         sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
         self.sizes = sorted(set(sizes))
         self.max_batch = self.sizes[-1]
-        self.max_model_len = max_model_len
+        self.last_token = last_token
         dev = model.device
         self.inputs = torch.zeros(4, self.max_batch, dtype=torch.int64, device=dev)  # ids, positions, slots, lens
-        self.pad_slot = kv.padding_slot().index
+        self.pad_slot = kv.padding_slot()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _meta(self, b: int) -> AttentionMetadata:
@@ -82,9 +82,13 @@ class DecodeGraphs:
         return AttentionMetadata(
             slot_ids=slots, query_lens=ones, context_lens=lens, query_start=torch.arange(b + 1, device=slots.device),
             token_slots=slots, positions=positions, query_lens_host=[1] * b, context_lens_host=[1] * b,
-            slot_ids_host=[self.pad_slot] * b, max_query_len=1, max_context_len=self.max_model_len,
-            block_table=self.kv.block_table, num_splits=self.attn.decode_splits(b, self.max_model_len),
+            slot_ids_host=[self.pad_slot] * b, max_query_len=1, max_context_len=self.kv.max_model_len,
+            block_table=self.kv.block_table, num_splits=self.attn.decode_splits(b, self.kv.max_model_len),
         )
+
+    def _forward(self, b: int, meta: AttentionMetadata) -> torch.Tensor:
+        ids = resolve_pending(self.inputs[0, :b], self.inputs[2, :b], self.last_token)
+        return self.model.forward(ids, self.inputs[1, :b], self.kv, self.attn, meta)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -96,10 +100,10 @@ class DecodeGraphs:
         with torch.cuda.stream(stream):
             for b in reversed(self.sizes):  # largest first: the smaller ones fit in its memory
                 meta = self._meta(b)
-                self.model.forward(self.inputs[0, :b], self.inputs[1, :b], self.kv, self.attn, meta)  # compiles
+                self._forward(b, meta)  # compiles
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    hidden = self.model.forward(self.inputs[0, :b], self.inputs[1, :b], self.kv, self.attn, meta)
+                    hidden = self._forward(b, meta)
                 self.graphs[b] = (graph, hidden)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
@@ -116,66 +120,94 @@ class DecodeGraphs:
         return hidden[:b]
 
 
+@dataclass
+class LaunchedStep:
+    """A step queued on the device: read() waits for `event` and returns the tokens."""
+
+    batch: ScheduledBatch
+    tokens: torch.Tensor | None  # sampled ids: pinned host memory on a GPU; None when nothing sampled
+    event: torch.cuda.Event | None
+    path: str  # "graph" or "eager"
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv, attn: AttentionBackend, eos_token_ids: tuple[int, ...],
+    def __init__(self, model: LlamaModel, kv: KVCache, attn: AttentionBackend, eos_token_ids: tuple[int, ...],
                  cuda_graph_max_batch: int = 0):
         self.model = model
         self.kv = kv
         self.attn = attn
         self.device = model.device
         self.eos_token_ids = eos_token_ids
-        self.staging = HostStaging(self.device)
-        self.last_path = ""  # "graph" or "eager": how the last step ran (benchmarks break time down by it)
+        self.staging = [HostStaging(self.device), HostStaging(self.device)]
+        self._turn = 0
+        self.last_token = torch.zeros(kv.num_slots, dtype=torch.int64, device=self.device)  # per slot
         self.graphs = None
         if cuda_graph_max_batch and self.device.type == "cuda" and attn.supports_cuda_graphs:
-            self.graphs = DecodeGraphs(model, kv, attn, cuda_graph_max_batch, kv.max_model_len)
+            self.graphs = DecodeGraphs(model, kv, attn, cuda_graph_max_batch, self.last_token)
             self.graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> dict[str, int]:
-        """Runs the model over the batch's new tokens; returns {request_id: sampled token} for the
-        requests whose known tokens are now all computed (the others are mid-prefill)."""
-        self.staging.reset()
-        self.kv.flush()
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Queues the model over the batch's new tokens and the sampling of its samplers' next tokens."""
+        staging = self.staging[self._turn]
+        self._turn ^= 1
+        staging.reset()
+        self.kv.begin_step(batch)
         ids, slots, qlens, ctxs = [], [], [], []
-        samplers: list[Request] = []
-        last_index = []  # index into the flat token list of each sampling request's last token
-        for req, n in zip(batch.requests, batch.num_new_tokens):
-            start = req.num_computed_tokens
+        last_index = []  # index into the flat token list of each sampler's last token
+        samplers = batch.samplers  # in batch order
+        for req, n, start in zip(batch.requests, batch.num_new_tokens, batch.starts):
             ids += req.token_ids(start, n)
             slots.append(req.slot.index)
             qlens.append(n)
             ctxs.append(start + n)
-            if start + n == req.num_tokens:
-                samplers.append(req)
+            if len(last_index) < len(samplers) and samplers[len(last_index)] is req:
                 last_index.append(len(ids) - 1)
         if self.graphs is not None and len(ids) == len(slots) <= self.graphs.max_batch:
-            hidden = self.graphs.run(self.staging, ids, slots, ctxs)  # decode: one token per sequence
-            self.last_path = "graph"
+            hidden = self.graphs.run(staging, ids, slots, ctxs)  # decode: one token per sequence
+            path = "graph"
         else:
-            self.last_path = "eager"
+            path = "eager"
             meta = self.attn.prepare_metadata(slots, qlens, ctxs, self.device, block_table=self.kv.block_table,
-                                              to_device=self.staging.put)
-            hidden = self.model.forward(self.staging.put(ids, torch.int64), meta.positions, self.kv, self.attn, meta)
-        if not samplers:
-            return {}
-        rows = hidden if len(last_index) == hidden.shape[0] else hidden[self.staging.put(last_index, torch.int64)]
-        logits = self.model.logits(rows)
-        tokens = self.staging.read(sample(logits, self.sampling_batch(samplers), to_device=self.staging.put))
-        return {req.request_id: tok for req, tok in zip(samplers, tokens)}
+                                              to_device=staging.put)
+            tokens = resolve_pending(staging.put(ids, torch.int64), meta.token_slots, self.last_token)
+            hidden = self.model.forward(tokens, meta.positions, self.kv, self.attn, meta)
+        sampled = None
+        if batch.samplers:
+            rows = hidden if len(last_index) == hidden.shape[0] else hidden[staging.put(last_index, torch.int64)]
+            logits = self.model.logits(rows)
+            out = sample(logits, self.sampling_batch(batch), to_device=staging.put)
+            self.last_token.index_copy_(0, staging.put([r.slot.index for r in batch.samplers], torch.int64), out)
+            if staging.cuda:
+                sampled = staging.result[:out.numel()]
+                sampled.copy_(out, non_blocking=True)
+            else:
+                sampled = out
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.kv.end_step(batch, event)
+        return LaunchedStep(batch, sampled, event, path)
 
-    def sampling_batch(self, reqs: list[Request]) -> SamplingBatch:
+    def read(self, step: LaunchedStep) -> list[int]:
+        """The step's sampled tokens, one per sampler (waits for the device: the one wait of a step)."""
+        if step.event is not None:
+            step.event.synchronize()
+        return [] if step.tokens is None else step.tokens.tolist()
+
+    def sampling_batch(self, batch: ScheduledBatch) -> SamplingBatch:
+        reqs = batch.samplers
         banned = []
-        for r in reqs:
-            if len(r.output_token_ids) < r.params.min_tokens:
-                stops = list(r.params.stop_token_ids) + ([] if r.params.ignore_eos else list(self.eos_token_ids))
-                banned.append(stops)
+        for r, step in zip(reqs, batch.sample_steps):
+            if step < r.params.min_tokens:
+                banned.append(list(r.params.stop_token_ids) + ([] if r.params.ignore_eos else list(self.eos_token_ids)))
             else:
                 banned.append([])
         return SamplingBatch(
             params=[r.params for r in reqs],
             seeds=[r.seed for r in reqs],
-            steps=[len(r.output_token_ids) for r in reqs],
+            steps=list(batch.sample_steps),
             output_ids=[r.output_token_ids for r in reqs],
             prompt_ids=[r.prompt_token_ids for r in reqs],
             banned=banned,

@@ -1,5 +1,10 @@
 """A request as the engine tracks it: a counter of computed tokens catching up with its tokens
-(prompt + output) covers prefill, chunked prefill, recompute after preemption and decode alike."""
+(prompt + output) covers prefill, chunked prefill, recompute after preemption and decode alike.
+
+With a step in flight the engine schedules the next one before reading the last one's tokens: a
+token sampled on the device but not read yet is *pending*. It counts among the request's tokens
+(the next step computes it, reading its id on the device) but its id is not known here yet.
+"""
 
 from __future__ import annotations
 
@@ -43,16 +48,14 @@ class Request:
     prompt: str | None = None
     stream: bool = False  # outputs every step, with incremental text; else one output at the end
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
+    num_computed_tokens: int = 0  # tokens whose KV is computed or being computed by a launched step
+    num_pending: int = 0  # tokens sampled by launched steps whose ids have not been read yet
     status: RequestStatus = RequestStatus.WAITING
-    slot: object | None = None  # kv_cache.Slot while running
+    slot: object | None = None  # kv.Slot while running
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: str | int | None = None
     error: str | None = None
     num_preemptions: int = 0
-    # prefix caching: chain keys of this request's full pages, and how many of them are indexed
-    block_keys: list[int] = field(default_factory=list)
-    indexed_pages: int = 0
     # incremental detokenization
     text: str = ""
     emitted: int = 0  # characters of text already returned as deltas
@@ -61,20 +64,28 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Prompt, output and pending tokens."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_scheduled_outputs(self) -> int:
+        """Output tokens read or pending: what max_tokens and min_tokens count."""
+        return len(self.output_token_ids) + self.num_pending
 
     @property
     def all_token_ids(self) -> list[int]:
+        """Prompt and output tokens whose ids are known."""
         return self.prompt_token_ids + self.output_token_ids
 
     def token_ids(self, start: int, n: int) -> list[int]:
-        """Tokens [start, start + n) of prompt + output, without copying the whole sequence."""
+        """Tokens [start, start + n) of prompt + output, without copying the whole sequence; -1 for a
+        pending token (the device fills it in)."""
         p = len(self.prompt_token_ids)
-        if start >= p:
-            return self.output_token_ids[start - p:start - p + n]
+        known = p + len(self.output_token_ids)
         if start + n <= p:
             return self.prompt_token_ids[start:start + n]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: start + n - p]
+        ids = self.prompt_token_ids[start:p] + self.output_token_ids[max(0, start - p):start + n - p]
+        return ids + [-1] * (start + n - max(start, known))
 
     @property
     def finished(self) -> bool:

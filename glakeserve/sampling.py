@@ -1,9 +1,13 @@
 """SamplingParams (vLLM's fields, validated with messages that name the field, the value and the
 allowed range) and the batch sampler.
 
-Randomness is a counter-based hash of (request seed, step, token id): no generator state, so a
-seeded request samples the same tokens whatever else is in its batch, after a preemption, and on
-CPU or GPU alike; and nothing forces a host sync.
+Sampling is one pass over each row of logits (Gumbel-max): the token is
+    argmax_v  logits[v] / temperature - log(-log u(seed, step, v))
+which picks v with its softmax probability, needs no softmax, and is exact greedy argmax at
+temperature 0. The noise u is a counter-based hash of (request seed, output step, token id): no
+generator state, so a seeded request samples the same tokens whatever else is in its batch, after a
+preemption, and on CPU or GPU alike; and nothing forces a host sync. On a GPU the pass is one Triton
+kernel (sampling_kernel.py); on a CPU its torch twin below computes the same function.
 """
 
 from __future__ import annotations
@@ -82,32 +86,42 @@ class SamplingParams:
 
 
 # ----- counter-based randomness ------------------------------------------------------------------
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
+# murmur3's 32-bit finalizer over a Weyl sequence of token ids: a few integer operations per logit,
+# the same on the host (int64 tensors masked to 32 bits) and in the Triton kernel (uint32).
+M32 = 0xFFFFFFFF
+GOLDEN32 = 0x9E3779B9
 
 
-_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3 fmix32 of int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & M32
+    return x ^ (x >> 16)
 
 
-def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def _splitmix64(x: torch.Tensor) -> torch.Tensor:
-    # int64 arithmetic wraps modulo 2**64, which is what the mixer wants
-    z = x + _GOLDEN
-    z = (z ^ _shr(z, 30)) * _MIX1
-    z = (z ^ _shr(z, 27)) * _MIX2
-    return z ^ _shr(z, 31)
+def row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per (seed, step) row: int64 seeds below 2**63, int64 steps."""
+    lo, hi = seeds & M32, (seeds >> 32) & M32
+    return mix32((mix32(lo ^ mix32(hi)) + steps * GOLDEN32) & M32)
 
 
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """[batch, vocab] floats in (0, 1), a pure function of (seed, step, token id)."""
-    row = _splitmix64(_splitmix64(seeds) ^ steps)  # [batch]
     tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    bits = _shr(_splitmix64(row[:, None] + tok[None, :]), 40)  # top 24 bits
-    return (bits.float() + 0.5) * (1.0 / (1 << 24))
+    bits = mix32((row_keys(seeds, steps)[:, None] + tok[None, :] * GOLDEN32) & M32)
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # top 24 bits
+
+
+def gumbel_argmax_torch(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor,
+                        steps: torch.Tensor) -> torch.Tensor:
+    """The sampling pass in torch: rows with temperature 0 take argmax, the others argmax of
+    logits / temperature plus Gumbel noise."""
+    u = uniform_noise(seeds, steps, logits.shape[1])
+    keys = logits / temps.clamp_min(1e-30)[:, None] - torch.log(-torch.log(u))
+    greedy = (temps == 0)[:, None]
+    return torch.where(greedy, logits, keys).argmax(dim=-1)
 
 
 # ----- the sampler ------------------------------------------------------------------------------
@@ -117,7 +131,7 @@ class SamplingBatch:
 
     params: list[SamplingParams]
     seeds: list[int]
-    steps: list[int]  # tokens generated so far = the step's counter
+    steps: list[int]  # output tokens before this one = the step's counter
     output_ids: list[list[int]]
     prompt_ids: list[list[int]]
     banned: list[list[int]] = field(default_factory=list)  # token ids to forbid now (min_tokens)
@@ -142,7 +156,8 @@ def _apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> None:
 
 
 def _filter(logits: torch.Tensor, params: list[SamplingParams], to_device) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p for the rows that sample; -inf where a token is cut."""
+    """Temperature, then top-k, top-p and min-p on the tempered distribution; -inf where a token is
+    cut. Greedy rows are left untempered (their argmax survives every cut)."""
     if any(p.temperature not in (0.0, 1.0) for p in params):
         temps = to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32)
         logits = logits / temps[:, None]
@@ -167,10 +182,15 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams], to_device) -> to
     return logits
 
 
+def needs_filter(p: SamplingParams) -> bool:
+    return p.temperature > 0 and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
+
+
 def sample(logits: torch.Tensor, b: SamplingBatch, to_device=None) -> torch.Tensor:
     """logits [batch, vocab] float32 -> token ids [batch] (int64, on the logits' device).
     to_device(values, dtype) makes the small per-request tensors (the GPU runner stages them so
-    that nothing waits); by default, torch.tensor."""
+    that nothing waits); by default, torch.tensor. A batch with no penalties, bans, top-k, top-p or
+    min-p takes one pass over its logits; the others are filtered first."""
     dev = logits.device
     if to_device is None:
         def to_device(values, dtype):
@@ -183,13 +203,16 @@ def sample(logits: torch.Tensor, b: SamplingBatch, to_device=None) -> torch.Tens
         for i, banned in enumerate(b.banned):
             if banned:
                 logits[i, banned] = float("-inf")
-    greedy_ids = logits.argmax(dim=-1)
-    if all(p.greedy for p in b.params):
-        return greedy_ids
-    probs = _filter(logits, b.params, to_device).softmax(dim=-1)
-    u = uniform_noise(to_device(b.seeds, torch.int64), to_device(b.steps, torch.int64), logits.shape[1])
-    # exponential race: argmax p / E with E ~ Exp(1) picks token v with probability p_v
-    sampled = (probs / -torch.log(u)).argmax(dim=-1)
-    if not any(p.greedy for p in b.params):
-        return sampled
-    return torch.where(to_device([p.greedy for p in b.params], torch.bool), greedy_ids, sampled)
+    if any(needs_filter(p) for p in b.params):
+        logits = _filter(logits, b.params, to_device)  # tempered: the pass samples at temperature 1
+        temps = [0.0 if p.greedy else 1.0 for p in b.params]
+    else:
+        temps = [p.temperature for p in b.params]
+    temps_t = to_device(temps, torch.float32)
+    seeds = to_device(b.seeds, torch.int64)
+    steps = to_device(b.steps, torch.int64)
+    if dev.type == "cuda":
+        from glakeserve.sampling_kernel import gumbel_argmax
+
+        return gumbel_argmax(logits, temps_t, seeds, steps)
+    return gumbel_argmax_torch(logits, temps_t, seeds, steps)

@@ -1,6 +1,8 @@
 """Continuous batching: FCFS admission, chunked prefill under a token budget, preemption by
 recompute. Requests are counters: each step gives a request min(tokens it lacks, budget left) new
-tokens to compute; prefill, chunked prefill and decode are the same rule."""
+tokens to compute; prefill, chunked prefill and decode are the same rule. The scheduler owns the KV
+cache (which slot, which blocks) and advances its own counters: schedule() counts the step's tokens
+as computed, update() takes the tokens the step sampled."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from glakeserve.kv_cache import KVCache
+from glakeserve.kv import KVCache
 from glakeserve.request import Request, RequestStatus
 
 
@@ -16,6 +18,9 @@ from glakeserve.request import Request, RequestStatus
 class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # first position each request computes
+    samplers: list[Request] = field(default_factory=list)  # requests whose next token this step samples
+    sample_steps: list[int] = field(default_factory=list)  # output tokens each sampler had before this one
     preempted: list[Request] = field(default_factory=list)
     failed: list[Request] = field(default_factory=list)  # can never fit: finished with an error
 
@@ -29,8 +34,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCache, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCache, max_num_seqs: int, max_num_batched_tokens: int,
+                 eos_token_ids: tuple[int, ...] = ()):
         self.kv = kv
+        self.eos_token_ids = eos_token_ids
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -46,33 +53,35 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        # 1. running requests, oldest first; the newest are preempted when pages run out
+        # 1. running requests, oldest first; the newest are preempted when memory runs out
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.ensure(req.slot, req.num_computed_tokens + n):
+            if n <= 0 or req.num_scheduled_outputs >= req.max_tokens:  # its last token is still being read
+                i += 1
+                continue
+            while not self.kv.reserve(req, req.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 batch.preempted.append(victim)
                 if victim is req:
                     break
             if req.status is RequestStatus.RUNNING:
-                batch.requests.append(req)
-                batch.num_new_tokens.append(n)
+                self._add(batch, req, n)
                 budget -= n
                 i += 1
         # 2. waiting requests, first come first served, unless memory was short this step
         while not batch.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            slot = self.kv.acquire_slot(req.request_id, req.num_tokens)
-            if slot is None:
+            if req.num_pending:  # preempted with a token in flight: admitted once it is read
                 break
-            req.num_computed_tokens = self.kv.attach_prefix(slot, req)  # KV the prefix cache already holds
+            if not self.kv.admit(req):
+                break
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.kv.ensure(slot, req.num_computed_tokens + n):
+            if not self.kv.reserve(req, req.num_computed_tokens + n):
+                self.kv.release(req)
                 req.num_computed_tokens = 0
-                self.kv.release_slot(slot, keep_pages=True)
                 if not self.running:  # alone and still no room: it can never run
                     self.waiting.popleft()
                     self._finish(req, "abort", error="the KV cache cannot hold this request; raise kv_cache_memory")
@@ -80,31 +89,49 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
-            req.slot = slot
             req.status = RequestStatus.RUNNING
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.monotonic()
             self.running.append(req)
-            batch.requests.append(req)
-            batch.num_new_tokens.append(n)
+            self._add(batch, req, n)
             budget -= n
         return batch
 
-    def index_prompts(self) -> None:
-        """After a step: put running requests' newly completed prompt pages in the prefix cache
-        (pages of generated tokens wait for the request to finish: fewer driver calls per step)."""
-        for r in self.running:
-            self.kv.index_request(r, min(r.num_computed_tokens, len(r.prompt_token_ids)))
+    @staticmethod
+    def _add(batch: ScheduledBatch, req: Request, n: int) -> None:
+        batch.requests.append(req)
+        batch.num_new_tokens.append(n)
+        batch.starts.append(req.num_computed_tokens)
+        req.num_computed_tokens += n
+        if req.num_computed_tokens == req.num_tokens:  # every known token computed: the step samples the next
+            batch.samplers.append(req)
+            batch.sample_steps.append(req.num_scheduled_outputs)
+            req.num_pending += 1
 
-    def map_ahead(self) -> None:
-        """After a step: queue pages for the next tokens of every running request on the worker."""
-        wanted = [(r.slot, r.num_tokens + self.kv.lookahead_tokens) for r in self.running]
-        self.kv.map_ahead(wanted)
+    def update(self, batch: ScheduledBatch, sampled: list[int]) -> list[Request]:
+        """Takes the step's sampled tokens (one per batch.samplers). Returns the requests that got one
+        (finished ones included); token-based stops (EOS, stop token ids, max_tokens) end them here.
+        A request that finished or was aborted while the step ran drops its token."""
+        got = []
+        for req, token in zip(batch.samplers, sampled):
+            req.num_pending -= 1
+            if req.status is RequestStatus.FINISHED:
+                continue
+            req.output_token_ids.append(token)
+            got.append(req)
+            p = req.params  # (before min_tokens, the sampler never picks a stop token)
+            if token in self.eos_token_ids and not p.ignore_eos:
+                self.finish(req, "stop")
+            elif token in p.stop_token_ids:
+                self.finish(req, "stop", token)
+            elif len(req.output_token_ids) >= req.max_tokens:
+                self.finish(req, "length")
+        return got
 
     def _preempt(self, req: Request) -> None:
-        """Recompute later: its KV is dropped now and rebuilt from its tokens when re-admitted."""
-        self.kv.release_slot(req.slot, keep_pages=False)
-        req.slot = None
+        """Recompute later: its slot goes idle, keeping the KV computed so far, which re-admission
+        finds again through the prefix cache unless the pages were reclaimed meanwhile."""
+        self.kv.release(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
@@ -112,27 +139,20 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
-        """A running request is done; its pages go to the prefix cache, and its slot keeps them for
-        the next request (deferred reclamation)."""
-        self.kv.index_request(req, req.num_computed_tokens, finished=True)
-        self.running.remove(req)
-        self.kv.release_slot(req.slot, keep_pages=True)
-        req.slot = None
+        """A request is done, running or (preempted with a token in flight) waiting; a running one's
+        slot goes idle keeping its KV for reuse."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self.kv.release(req)
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
         self._finish(req, reason, stop_reason)
 
     def abort(self, request_id: str) -> Request | None:
-        """Drops a request wherever it is; its pages go back to the pool at once."""
-        for req in self.waiting:
+        """Drops a request wherever it is; its slot goes idle at once (its pages reclaimable)."""
+        for req in list(self.waiting) + self.running:
             if req.request_id == request_id:
-                self.waiting.remove(req)
-                self._finish(req, "abort")
-                return req
-        for req in self.running:
-            if req.request_id == request_id:
-                self.running.remove(req)
-                self.kv.release_slot(req.slot, keep_pages=False)
-                req.slot = None
-                self._finish(req, "abort")
+                self.finish(req, "abort")
                 return req
         return None
 
@@ -145,5 +165,5 @@ class Scheduler:
         req.metrics.finished_time = time.monotonic()
 
     def tokens_held(self) -> dict[int, int]:
-        """Tokens whose KV each running request's slot holds now (for integrity checks and stats)."""
+        """Tokens whose KV each running request's slot holds or a launched step writes."""
         return {r.slot.index: r.num_computed_tokens for r in self.running}

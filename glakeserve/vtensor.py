@@ -1,9 +1,9 @@
 """Python face of the allocator extension: PagePool, VTensor, and zero-copy torch views.
 
-A PagePool owns physical pages (created once, up front). A VTensor is a reserved, contiguous
+A PagePool owns physical pages (created when it grows, never on the mapping path). A VTensor is a reserved, contiguous
 virtual range whose pages are mapped from the pool on demand; `VTensor.view()` returns a torch
 tensor of any shape, dtype and strides over that range without copying. Policy (which request gets
-which pages) lives above this module, in kv_cache.py.
+which pages) lives above this module, in glakeserve/kv/.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class PoolStats:
     set_access_calls: int
     pages_created: int
     pages_released: int
+    sync_driver_calls: int  # driver calls a caller waited for (synchronous API), not the worker's jobs
     async_jobs: int
     async_pages: int
     waits: int  # times a caller blocked on the mapping worker
@@ -161,8 +162,15 @@ class PagePool:
         Jobs run in submission order; synchronous calls on a vTensor wait for its queued jobs."""
         return self._alloc.submit("map", [(vt.id, first, count) for vt, first, count in items])
 
-    def unmap_async(self, items: list[tuple[VTensor, int, int]]) -> MapFuture:
-        return self._alloc.submit("unmap", [(vt.id, first, count) for vt, first, count in items])
+    def unmap_async(self, items: list[tuple[VTensor, int, int]], after: torch.cuda.Event | None = None) -> MapFuture:
+        """Queues an unmap job. `after`: a recorded CUDA event the worker waits for first, so kernels
+        queued before it finish reading these pages."""
+        return self._alloc.submit("unmap", [(vt.id, first, count) for vt, first, count in items],
+                                  after_event=_event_handle(after))
+
+    def alias_async(self, items: list[tuple[VTensor, int, VTensor, int, int]]) -> MapFuture:
+        """Queues an alias job: each item (dst, dst_first, src, src_first, count), as alias_batch."""
+        return self._alloc.submit("alias", aliases=[(d.id, df, s.id, sf, n) for d, df, s, sf, n in items])
 
     # ----- elasticity -------------------------------------------------------------------------
     def grow(self, pages: int) -> int:
@@ -323,6 +331,11 @@ class VTensor:
 
     def __repr__(self) -> str:
         return f"VTensor({self.name!r}, {self.nbytes} bytes, {self.num_pages} pages)"
+
+
+def _event_handle(event: torch.cuda.Event | None) -> int:
+    """The driver's handle of a torch CUDA event (0: none, or never recorded)."""
+    return 0 if event is None else int(event.cuda_event)
 
 
 def cuda_available() -> bool:

@@ -7,10 +7,12 @@ from pathlib import Path
 import torch
 
 from glakeserve.attention import make_backend
-from glakeserve.kv_cache import KVCache
-from glakeserve.kv_paged import PagedKVCache
+from glakeserve.kv import PagedKVCache, VTensorKVCache
 from glakeserve.model.config import config_from_hf
 from glakeserve.model.loader import load_hf_weights
+from glakeserve.request import Request, RequestMetrics
+from glakeserve.sampling import SamplingParams
+from glakeserve.scheduler import ScheduledBatch
 from glakeserve.vtensor import PagePool
 
 
@@ -38,8 +40,14 @@ def save_tiny_hf_llama(path: Path, *, heads=4, kv_heads=2, hidden=64, layers=2, 
     return path
 
 
+def bare_request(request_id: str, prompt: list[int], max_tokens: int = 16, **params) -> Request:
+    return Request(request_id=request_id, prompt_token_ids=list(prompt), params=SamplingParams(**params), seed=0,
+                   metrics=RequestMetrics(0.0), max_tokens=max_tokens)
+
+
 class DirectRunner:
-    """Our model + a KV cache on a host pool, driven by hand (no scheduler)."""
+    """Our model + a KV cache on a host pool, driven by hand (no scheduler): each sequence id is a
+    request admitted into a slot of the cache."""
 
     def __init__(self, path: Path, layout: str, max_len: int = 256, slots: int = 4, backend: str = "torch",
                  device: str = "cpu"):
@@ -53,27 +61,43 @@ class DirectRunner:
         if layout == "paged":
             self.kv = PagedKVCache(self.cfg, torch.float32, dev, max_len, slots, memory_bytes=4 << 20)
         else:
-            self.kv = KVCache(self.pool, self.cfg, torch.float32, max_len, slots, layout=layout)
+            self.kv = VTensorKVCache(self.pool, self.cfg, torch.float32, max_len, slots, layout=layout,
+                                     prefix_caching=False)
         self.attn = make_backend(backend, dev, self.cfg.num_kv_heads)
+        self.requests: dict[int, Request] = {}
 
     @torch.inference_mode()
     def run(self, chunks: list[tuple[int, list[int]]], done: dict[int, int]) -> list[torch.Tensor]:
-        """chunks: (slot, new token ids) per sequence; done: tokens already cached per slot.
+        """chunks: (sequence id, new token ids) per sequence; done: tokens already cached per id.
+        New ids are admitted in ascending order, so slots need not follow the batch's order.
         Returns each sequence's logits [new tokens, vocab]."""
-        slots = [s for s, _ in chunks]
-        qlens = [len(t) for _, t in chunks]
-        ctxs = [done.get(s, 0) + n for s, n in zip(slots, qlens)]
-        for s, c in zip(slots, ctxs):
-            slot = self.kv.slots[s]
-            slot.owner = slot.owner or f"sequence-in-slot-{s}"
-            assert self.kv.ensure(slot, c)
-        self.kv.flush()
+        for s in sorted(s for s, _ in chunks if s not in self.requests):
+            self.requests[s] = bare_request(str(s), [])
+            assert self.kv.admit(self.requests[s])
+        batch = ScheduledBatch()
+        for s, toks in chunks:
+            req = self.requests[s]
+            req.prompt_token_ids += toks
+            start = done.get(s, 0)
+            assert self.kv.reserve(req, start + len(toks))
+            req.num_computed_tokens = start + len(toks)
+            batch.requests.append(req)
+            batch.num_new_tokens.append(len(toks))
+            batch.starts.append(start)
+        self.kv.begin_step(batch)
+        slots = [r.slot.index for r in batch.requests]
+        qlens = batch.num_new_tokens
+        ctxs = [s + n for s, n in zip(batch.starts, qlens)]
         meta = self.attn.prepare_metadata(slots, qlens, ctxs, self.device, block_table=self.kv.block_table)
         ids = torch.tensor([t for _, toks in chunks for t in toks], device=self.device)
         logits = self.model.logits(self.model.forward(ids, meta.positions, self.kv, self.attn, meta))
-        for s, c in zip(slots, ctxs):
+        self.kv.end_step(batch, None)
+        for s, c in zip((s for s, _ in chunks), ctxs):
             done[s] = c
         return list(logits.split(qlens))
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity({r.slot.index: r.num_computed_tokens for r in self.requests.values()})
 
     def close(self):
         self.kv.close()
@@ -94,3 +118,9 @@ def finish_all(engine, prompts: list, params, arrivals: list[int] | None = None)
                 done[ids[out.request_id]] = out.token_ids
         step += 1
     return [done[i] for i in range(len(prompts))]
+
+
+def drain(engine) -> None:
+    """Steps the engine until every request it holds has finished."""
+    while engine.has_unfinished_requests():
+        engine.step()

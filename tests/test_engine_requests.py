@@ -40,17 +40,17 @@ def test_prompt_just_under_the_limit_generates_until_the_limit(smol_llm):
 
 def test_abort_frees_pages_at_once(smol_llm):
     engine = smol_llm.engine
-    engine.kv._drain()
     rid = engine.add_request("Tell me everything about the ocean.",
                              SamplingParams(temperature=0, max_tokens=300, ignore_eos=True))
     for _ in range(4):
         engine.step()
     req = engine.requests[rid]
     slot = req.slot
-    assert slot.mapped > 0
+    assert engine.stats()["kv_pages"]["requests"] > 0
     out = engine.abort_request(rid)
     assert out.finished and out.finish_reason == "abort"
-    assert slot.owner is None and slot.mapped == 0 and slot.target == 0
+    # no request holds a page now: the slot keeps its KV as cache, reclaimable by any request
+    assert slot.owner is None and engine.stats()["kv_pages"]["requests"] == 0
     engine.kv.check_integrity(engine.scheduler.tokens_held())
     assert engine.abort_request(rid) is None  # unknown now
     assert not engine.has_unfinished_requests()

@@ -56,8 +56,9 @@ def generate(path, layout, prompts, max_new, **kw):
     return [done[i] for i in ids]
 
 
-@pytest.mark.parametrize("layout", ["token-major", "per-layer", "paged"])
-def test_greedy_identical_to_hf_with_cuda_graphs(tiny, layout):
+@pytest.mark.parametrize("layout,async_scheduling", [("token-major", True), ("token-major", False),
+                                                    ("per-layer", True), ("paged", True)])
+def test_greedy_identical_to_hf_with_cuda_graphs(tiny, layout, async_scheduling):
     path, hf = tiny
     prompts = [torch.randint(3, SHAPE["vocab"], (n,)).tolist() for n in (5, 40, 130, 7, 64, 250)]
     max_new = 24
@@ -68,8 +69,26 @@ def test_greedy_identical_to_hf_with_cuda_graphs(tiny, layout):
                               do_sample=False, pad_token_id=0,
                               attention_mask=torch.ones(1, len(p), dtype=torch.long, device="cuda"))
             expected.append(out[0, len(p):].tolist())
-    got = generate(path, layout, prompts, max_new)
+    got = generate(path, layout, prompts, max_new, async_scheduling=async_scheduling)
     assert got == expected
+
+
+def test_seeded_sampling_is_the_same_with_a_step_in_flight(tiny):
+    """Overlapped scheduling reads tokens one step late; seeded sampled outputs must not change."""
+    path, _ = tiny
+    outs = []
+    for async_scheduling in (False, True):
+        engine = LLMEngine(EngineConfig(model=str(path), dtype="bfloat16", max_model_len=512, max_num_seqs=8,
+                                        kv_cache_memory=1 << 30, async_scheduling=async_scheduling))
+        params = [SamplingParams(temperature=0.9, top_p=0.95 if i % 2 else 1.0, seed=i, max_tokens=20 + i,
+                                 stop_token_ids=[7]) for i in range(6)]
+        ids = [engine.add_request(list(range(3, 20 + 9 * i)), p) for i, p in enumerate(params)]
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+        outs.append([done[i] for i in ids])
+        engine.close()
+    assert outs[0] == outs[1]
 
 
 def test_decode_steps_make_no_host_sync(tiny):
@@ -83,11 +102,13 @@ def test_decode_steps_make_no_host_sync(tiny):
     engine.step()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(10):  # decode steps through CUDA graphs: nothing may wait for the GPU but the event
+        for i in range(12):  # decode steps through CUDA graphs: nothing may wait for the GPU but the event
+            if i == 5:  # and a mixed step (a prefill beside the decodes) runs eagerly, equally without a sync
+                engine.add_request(list(range(40, 140)), SamplingParams(temperature=0.8, seed=1, max_tokens=8))
             engine.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert engine.runner.graphs is not None
+    assert engine.runner.graphs is not None and engine.stats()["engine_driver_calls"] == 0
     engine.close()
 
 
@@ -102,7 +123,7 @@ def test_prefix_caching_on_gpu_matches_without(tmp_path):
         engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", max_model_len=512, max_num_seqs=4,
                                         kv_cache_memory=1 << 30, enable_prefix_caching=caching,
                                         check_integrity=True))
-        assert engine.kv.tokens_per_page() == 32
+        assert engine.stats()["tokens_per_page"] == 32
         got = []
         for p in prompts:  # one after another: each finds its predecessors' pages in the cache
             engine.add_request(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))

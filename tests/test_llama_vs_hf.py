@@ -34,7 +34,7 @@ def test_logits_match_hf(tiny, layout, backend):
         with torch.no_grad():
             ref = [hf(torch.tensor([s])).logits[0] for s in seqs]
         done: dict[int, int] = {}
-        # pass 1: the first part of each sequence, all three in one batch (slots 2, 1, 3)
+        # pass 1: the first part of each sequence, all three in one batch (in slots 2, 1, 3)
         cut = [20, 3, 61]
         out = runner.run([(2, seqs[0][:cut[0]]), (1, seqs[1][:cut[1]]), (3, seqs[2][:cut[2]])], done)
         for o, r, c in zip(out, ref, cut):
@@ -58,6 +58,6 @@ def test_logits_match_hf(tiny, layout, backend):
         out = runner.run([(2, more[0]), (1, more[1]), (3, more[2])], done)
         for o, r in zip(out, ref):
             torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
-        runner.kv.check_integrity(done)
+        runner.check_integrity()
     finally:
         runner.close()

@@ -1,11 +1,12 @@
 """The scheduler's rules, driven without a model: chunked prefill under the token budget,
-max_num_seqs, first come first served, preemption of the newest, abort."""
+max_num_seqs, first come first served, preemption of the newest, abort, and a step in flight
+(tokens read one step late) giving the same batches."""
 
 import itertools
 
 import torch
 
-from glakeserve.kv_cache import KVCache
+from glakeserve.kv import VTensorKVCache
 from glakeserve.model.config import DUMMY_SHAPES
 from glakeserve.request import Request, RequestMetrics
 from glakeserve.sampling import SamplingParams
@@ -17,7 +18,8 @@ ids = itertools.count()
 
 def make(pages=256, max_num_seqs=4, budget=16, max_len=64):
     pool = PagePool(pages, page_size=4096, backend="host")
-    kv = KVCache(pool, DUMMY_SHAPES["tiny-llama"], torch.float32, max_len, 2 * max_num_seqs + 1)
+    kv = VTensorKVCache(pool, DUMMY_SHAPES["tiny-llama"], torch.float32, max_len, 2 * max_num_seqs,
+                        prefix_caching=False, owns_pool=True)
     return Scheduler(kv, max_num_seqs, budget)
 
 
@@ -27,14 +29,9 @@ def req(prompt_len, max_tokens=8):
 
 
 def step(s: Scheduler):
-    """What the engine does after the model ran: count the tokens, sample where a request caught up."""
+    """What the engine does around the model: schedule, then hand back a token for every sampler."""
     batch = s.schedule()
-    for r, n in zip(batch.requests, batch.num_new_tokens):
-        r.num_computed_tokens += n
-        if r.num_computed_tokens == r.num_tokens:
-            r.output_token_ids.append(7)
-            if len(r.output_token_ids) >= r.max_tokens:
-                s.finish(r, "length")
+    s.update(batch, [7] * len(batch.samplers))
     s.kv.check_integrity(s.tokens_held())
     return batch
 
@@ -82,5 +79,32 @@ def test_abort_running_and_waiting():
     step(s)
     assert s.abort(b.request_id) is b and b.finish_reason == "abort"
     slot = a.slot
-    assert s.abort(a.request_id) is a and slot.mapped == 0
+    assert s.abort(a.request_id) is a and slot.owner is None and slot.index in s.kv.idle  # reclaimable at once
+    assert s.kv.stats().request_pages == 0
     assert not s.has_unfinished()
+
+
+def test_a_step_in_flight_gives_the_serial_batches():
+    """Reading each step's tokens one step late (as the async engine does) schedules the same
+    batches as reading them at once, plus at most one wasted row per finishing request."""
+    def run(lag: int):
+        s = make(pages=40, budget=24, max_len=64)
+        reqs = [req(n, max_tokens=m) for n, m in ((30, 5), (3, 9), (12, 2), (20, 7))]
+        for r in reqs:
+            s.add(r)
+        index = {r.request_id: i for i, r in enumerate(reqs)}
+        in_flight, batches = [], []
+        while s.has_unfinished() or in_flight:
+            batch = s.schedule()
+            batches.append([(index[r.request_id], n) for r, n in zip(batch.requests, batch.num_new_tokens)])
+            in_flight.append(batch)
+            while len(in_flight) > lag or (in_flight and not s.has_unfinished()):
+                done = in_flight.pop(0)
+                s.update(done, [7] * len(done.samplers))
+            s.kv.check_integrity(s.tokens_held())
+        return [r.output_token_ids for r in reqs], [b for b in batches if b]
+
+    serial_out, serial = run(0)
+    async_out, overlapped = run(1)
+    assert async_out == serial_out and [len(o) for o in serial_out] == [5, 9, 2, 7]
+    assert overlapped == serial  # max_tokens is known ahead: no wasted row here

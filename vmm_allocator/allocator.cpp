@@ -64,7 +64,10 @@ Allocator::Allocator(const std::string& backend, int device, size_t page_size, i
   counters_.backend = backend_name_;
   counters_.device = backend_->device_id();
   counters_.page_size = page_size;
-  grow(num_pages);
+  if (num_pages) {
+    std::lock_guard<std::mutex> lock(mu_);
+    grow_locked(num_pages);
+  }
   worker_ = std::thread([this] { worker_loop(); });
 }
 
@@ -210,7 +213,7 @@ void Allocator::release(int64_t id) {
   for (int64_t p = 0; p < static_cast<int64_t>(vt.pages.size()); ++p) {
     if (vt.pages[p] != kNoPage) steps.push_back({id, p, vt.pages[p], vt.reservation->va + static_cast<size_t>(p) * page_size_});
   }
-  unmap_steps(lock, steps);
+  unmap_steps(lock, steps, false);
   vtensors_.erase(id);
 }
 
@@ -290,12 +293,13 @@ void Allocator::run_map(std::unique_lock<std::mutex>& lock, const std::vector<Pa
       steps.push_back({r.vtensor, p, page, vt.reservation->va + static_cast<size_t>(p) * page_size_});
     }
   }
-  map_steps(lock, steps, &counters_.pages_mapped);
+  map_steps(lock, steps, &counters_.pages_mapped, from_worker);
 }
 
 // Driver calls for steps whose books are already written: map each page and grant access, without
 // the lock; then, locked again, count them into *committed, or undo the books and rethrow.
-void Allocator::map_steps(std::unique_lock<std::mutex>& lock, const std::vector<Step>& steps, int64_t* committed) {
+void Allocator::map_steps(std::unique_lock<std::mutex>& lock, const std::vector<Step>& steps, int64_t* committed,
+                          bool from_worker) {
   lock.unlock();
   double map_seconds = 0, access_seconds = 0;
   int64_t access_calls = 0;
@@ -325,6 +329,7 @@ void Allocator::map_steps(std::unique_lock<std::mutex>& lock, const std::vector<
   counters_.map_seconds += map_seconds;
   counters_.set_access_seconds += access_seconds;
   counters_.set_access_calls += access_calls;
+  if (!from_worker) counters_.sync_driver_calls += static_cast<int64_t>(mapped) + access_calls;
   if (error) {
     for (const Step& s : steps) {
       vtensors_.at(s.vtensor).pages[s.page_index] = kNoPage;
@@ -358,12 +363,12 @@ void Allocator::run_unmap(std::unique_lock<std::mutex>& lock, const std::vector<
       steps.push_back({r.vtensor, p, vt.pages[p], vt.reservation->va + static_cast<size_t>(p) * page_size_});
     }
   }
-  unmap_steps(lock, steps);
+  unmap_steps(lock, steps, from_worker);
 }
 
 // Unmaps each step's page without the lock; locked again, drops the references of those that were
 // unmapped (they stay unmapped even when a later one fails) and rethrows the first error.
-void Allocator::unmap_steps(std::unique_lock<std::mutex>& lock, const std::vector<Step>& steps) {
+void Allocator::unmap_steps(std::unique_lock<std::mutex>& lock, const std::vector<Step>& steps, bool from_worker) {
   lock.unlock();
   double seconds = 0;
   size_t unmapped = 0;
@@ -386,17 +391,23 @@ void Allocator::unmap_steps(std::unique_lock<std::mutex>& lock, const std::vecto
     drop_reference(steps[i].pool_page);
   }
   counters_.pages_unmapped += static_cast<int64_t>(unmapped);
+  if (!from_worker) counters_.sync_driver_calls += static_cast<int64_t>(unmapped);
   if (error) std::rethrow_exception(error);
 }
 
 void Allocator::alias(const std::vector<AliasRange>& ranges) {
   std::unique_lock<std::mutex> lock(mu_);
+  run_alias(lock, ranges, false);
+}
+
+void Allocator::run_alias(std::unique_lock<std::mutex>& lock, const std::vector<AliasRange>& ranges,
+                          bool from_worker) {
   std::vector<int64_t> ids;
   for (const auto& r : ranges) {
-    ids.push_back(r.dst);
-    if (r.src != r.dst) ids.push_back(r.src);
+    if (std::find(ids.begin(), ids.end(), r.dst) == ids.end()) ids.push_back(r.dst);
+    if (std::find(ids.begin(), ids.end(), r.src) == ids.end()) ids.push_back(r.src);
   }
-  claim(lock, ids, false);
+  claim(lock, ids, from_worker);
   BusyGuard guard(this, ids);
   std::set<std::pair<int64_t, int64_t>> seen;
   for (const auto& r : ranges) {
@@ -433,12 +444,35 @@ void Allocator::alias(const std::vector<AliasRange>& ranges) {
       steps.push_back({r.dst, d, page, dst.reservation->va + static_cast<size_t>(d) * page_size_});
     }
   }
-  map_steps(lock, steps, &counters_.pages_aliased);
+  map_steps(lock, steps, &counters_.pages_aliased, from_worker);
 }
 
+// Growing creates physical pages, which the backend keeps in a table the worker reads while it maps:
+// so pages are only ever created on the worker (or before it starts), never beside a running job.
 int64_t Allocator::grow(int64_t pages) {
   if (pages < 0) throw std::invalid_argument("cannot grow the pool by a negative number of pages");
+  auto job = std::make_shared<Job>();
+  job->kind = JobKind::kGrow;
+  job->grow_pages = pages;
+  job->pages = pages;
+  job->synchronous = true;
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    if (stopping_) throw VmmError("the page pool is closed; create a new one");
+    queue_.push_back(job);
+  }
+  queue_cv_.notify_one();
+  std::unique_lock<std::mutex> job_lock(job->mu);
+  job->cv.wait(job_lock, [&] { return job->done; });
+  job_lock.unlock();
+  if (job->error) std::rethrow_exception(job->error);
   std::lock_guard<std::mutex> lock(mu_);
+  counters_.sync_driver_calls += pages;
+  return pages;
+}
+
+int64_t Allocator::grow_locked(int64_t pages) {
+  if (pages < 0) throw std::invalid_argument("cannot grow the pool by a negative number of pages");
   check_open();
   backend_->bind_thread();
   backend_->check_capacity(static_cast<size_t>(pages) * page_size_);
@@ -488,6 +522,7 @@ int64_t Allocator::shrink(int64_t pages) {
     ++released;
   }
   counters_.pages_released += released;
+  counters_.sync_driver_calls += released;
   return released;
 }
 

@@ -1,5 +1,6 @@
-// The allocator: a pool of physical pages created up front, vTensors (reserved virtual ranges) and
-// the page tables between them, plus a worker thread that executes queued map/unmap jobs.
+// The allocator: a pool of physical pages (created when the pool grows, never on the mapping path),
+// vTensors (reserved virtual ranges) and the page tables between them, plus a worker thread that
+// executes queued map / unmap / alias / grow jobs in submission order.
 // Mechanism only: callers (glakeserve/kv_cache.py) decide which pages go where.
 #pragma once
 #include <atomic>
@@ -64,6 +65,7 @@ struct PoolStats {
   int64_t pages_released = 0;
   int64_t async_jobs = 0;
   int64_t async_pages = 0;
+  int64_t sync_driver_calls = 0;  // driver calls made for a synchronous call (the caller waited on them)
   int64_t waits = 0;          // times a caller had to block on the worker
   double wait_seconds = 0.0;
   double map_seconds = 0.0;   // time inside the backend's map / set-access / unmap calls
@@ -82,12 +84,18 @@ struct VTensorInfo {
   int64_t pending_jobs = 0;
 };
 
-enum class JobKind { kMap, kUnmap };
+enum class JobKind { kMap, kUnmap, kAlias, kGrow };
 
-// One queued job; Python holds it as a MapFuture.
+// One queued job; Python holds it as a MapFuture. Before its driver calls the worker waits for
+// `after_event` (a device event, 0 for none): an unmap then never pulls a page from under a kernel
+// that was queued before it.
 struct Job {
   JobKind kind;
-  std::vector<PageRange> ranges;
+  std::vector<PageRange> ranges;    // map, unmap
+  std::vector<AliasRange> aliases;  // alias
+  int64_t grow_pages = 0;           // grow
+  uintptr_t after_event = 0;
+  bool synchronous = false;  // submitted by a synchronous call that waits for it: not an async job
   int64_t pages = 0;
   std::mutex mu;
   std::condition_variable cv;
@@ -115,7 +123,8 @@ class Allocator {
   void map(const std::vector<PageRange>& ranges);
   void unmap(const std::vector<PageRange>& ranges);
   void alias(const std::vector<AliasRange>& ranges);
-  std::shared_ptr<Job> submit(JobKind kind, std::vector<PageRange> ranges);
+  std::shared_ptr<Job> submit(JobKind kind, std::vector<PageRange> ranges, std::vector<AliasRange> aliases = {},
+                              int64_t grow_pages = 0, uintptr_t after_event = 0);
   void wait(const std::shared_ptr<Job>& job);
 
   int64_t grow(int64_t pages);
@@ -159,8 +168,12 @@ class Allocator {
   void claim(std::unique_lock<std::mutex>& lock, const std::vector<int64_t>& ids, bool from_worker);
   void run_map(std::unique_lock<std::mutex>& lock, const std::vector<PageRange>& ranges, bool from_worker);
   void run_unmap(std::unique_lock<std::mutex>& lock, const std::vector<PageRange>& ranges, bool from_worker);
-  void map_steps(std::unique_lock<std::mutex>& lock, const std::vector<Step>& steps, int64_t* committed);
-  void unmap_steps(std::unique_lock<std::mutex>& lock, const std::vector<Step>& steps);
+  void run_alias(std::unique_lock<std::mutex>& lock, const std::vector<AliasRange>& ranges, bool from_worker);
+  void map_steps(std::unique_lock<std::mutex>& lock, const std::vector<Step>& steps, int64_t* committed,
+                 bool from_worker);
+  void unmap_steps(std::unique_lock<std::mutex>& lock, const std::vector<Step>& steps, bool from_worker);
+  int64_t grow_locked(int64_t pages);  // mu_ held; creates the pages
+  void run_job(Job& job);
 
   VTensor& find(int64_t id);
   void check_open() const;

@@ -44,6 +44,10 @@ class Backend {
   virtual void map_page(uintptr_t va, int64_t page_id) = 0;
   virtual void set_access(uintptr_t va, size_t bytes) = 0;
   virtual void unmap_page(uintptr_t va) = 0;
+
+  // Blocks until a recorded device event has completed (cuda: a CUevent handle; the worker calls it
+  // before an unmap that queued kernels may still read through). No events exist on host.
+  virtual void wait_event(uintptr_t event) {}
 };
 
 // Backends by name: "host" always works; "cuda" throws BackendUnavailableError when libcuda or a

@@ -37,6 +37,7 @@ py::dict stats_dict(const PoolStats& s) {
   d["set_access_calls"] = s.set_access_calls;
   d["pages_created"] = s.pages_created;
   d["pages_released"] = s.pages_released;
+  d["sync_driver_calls"] = s.sync_driver_calls;
   d["async_jobs"] = s.async_jobs;
   d["async_pages"] = s.async_pages;
   d["waits"] = s.waits;
@@ -145,24 +146,38 @@ PYBIND11_MODULE(_vmm, m) {
       .def(
           "submit",
           [](std::shared_ptr<Allocator> a, const std::string& kind,
-             const std::vector<std::tuple<int64_t, int64_t, int64_t>>& items) {
+             const std::vector<std::tuple<int64_t, int64_t, int64_t>>& ranges,
+             const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>>& aliases, int64_t grow_pages,
+             uintptr_t after_event) {
             JobKind k;
             if (kind == "map") {
               k = JobKind::kMap;
             } else if (kind == "unmap") {
               k = JobKind::kUnmap;
+            } else if (kind == "alias") {
+              k = JobKind::kAlias;
+            } else if (kind == "grow") {
+              k = JobKind::kGrow;
             } else {
-              throw std::invalid_argument("unknown job kind '" + kind + "': use 'map' or 'unmap'");
+              throw std::invalid_argument("unknown job kind '" + kind + "': use 'map', 'unmap', 'alias' or 'grow'");
             }
-            auto ranges = to_ranges(items);
+            std::vector<AliasRange> alias_ranges;
+            for (const auto& [dst, dst_first, src, src_first, count] : aliases) {
+              alias_ranges.push_back({dst, dst_first, src, src_first, count});
+            }
+            auto page_ranges = to_ranges(ranges);
             std::shared_ptr<Job> job;
             {
               py::gil_scoped_release release;
-              job = a->submit(k, std::move(ranges));
+              job = a->submit(k, std::move(page_ranges), std::move(alias_ranges), grow_pages, after_event);
             }
             return MapFuture{a, job};
           },
-          py::arg("kind"), py::arg("ranges"), "Queues a map or unmap job for the worker thread.")
+          py::arg("kind"), py::arg("ranges") = std::vector<std::tuple<int64_t, int64_t, int64_t>>{},
+          py::arg("aliases") = std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>>{},
+          py::arg("grow_pages") = 0, py::arg("after_event") = 0,
+          "Queues a job for the worker thread: map / unmap (ranges), alias (aliases) or grow (grow_pages). "
+          "after_event: a device event (CUevent handle) the worker waits for before the job's driver calls.")
       .def("grow", &Allocator::grow, py::arg("pages"), py::call_guard<py::gil_scoped_release>())
       .def("shrink", &Allocator::shrink, py::arg("pages"), py::call_guard<py::gil_scoped_release>())
       .def("stats", [](Allocator& a) {

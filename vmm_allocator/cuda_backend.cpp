@@ -79,6 +79,7 @@ struct Driver {
   CUresult (*mem_map)(CUdeviceptr, size_t, size_t, CUmemHandle, unsigned long long);
   CUresult (*mem_unmap)(CUdeviceptr, size_t);
   CUresult (*mem_set_access)(CUdeviceptr, size_t, const CuMemAccessDesc*, size_t);
+  CUresult (*event_synchronize)(void*);
 
   template <typename F>
   bool resolve(F& fn, const char* symbol) {
@@ -103,7 +104,8 @@ struct Driver {
               resolve(mem_address_reserve, "cuMemAddressReserve") &&
               resolve(mem_address_free, "cuMemAddressFree") && resolve(mem_create, "cuMemCreate") &&
               resolve(mem_release, "cuMemRelease") && resolve(mem_map, "cuMemMap") &&
-              resolve(mem_unmap, "cuMemUnmap") && resolve(mem_set_access, "cuMemSetAccess");
+              resolve(mem_unmap, "cuMemUnmap") && resolve(mem_set_access, "cuMemSetAccess") &&
+              resolve(event_synchronize, "cuEventSynchronize");
     if (!ok) {
       dlclose(lib);
       lib = nullptr;
@@ -225,6 +227,10 @@ class CudaBackend final : public Backend {
 
   void unmap_page(uintptr_t va) override {
     driver().check(driver().mem_unmap(static_cast<CUdeviceptr>(va), page_size_), "cuMemUnmap");
+  }
+
+  void wait_event(uintptr_t event) override {
+    if (event) driver().check(driver().event_synchronize(reinterpret_cast<void*>(event)), "cuEventSynchronize");
   }
 
  private:

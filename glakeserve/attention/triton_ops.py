@@ -1,5 +1,5 @@
 """Triton kernels over vTensor KV caches: plain strided tensors `cache[slot, pos, kv_head, dim]`
-(either layout of kv_cache.py), slot ids and lengths; no block tables. Each kernel sits beside a
+(either layout of glakeserve/kv/vtensor_cache.py), slot ids and lengths; no block tables. Each kernel sits beside a
 thin wrapper that checks shapes, dtypes and strides before it launches.
 
   store_kv           k, v [tokens, kv_heads, dim] -> cache[token_slot, position]

@@ -20,6 +20,8 @@ from rich.table import Table
 from glakeserve.datasets import BenchRequest
 from glakeserve.sampling import SamplingParams
 
+TIMELINE_INTERVAL = 0.25  # seconds between the timeline's samples of the engine's stats
+
 
 @dataclass
 class BenchResult:
@@ -34,6 +36,7 @@ class BenchResult:
     pages_mapped: int = 0
     preemptions: int = 0
     mapping_waits: int = 0
+    engine_driver_calls: int = 0  # driver calls the engine's thread waited on (0 in steady state)
     timeline: list[dict] = field(default_factory=list)
     step_paths: dict = field(default_factory=dict)  # "graph" / "eager" -> [steps, seconds]
 
@@ -67,18 +70,16 @@ def run_glake(llm, reqs: list[BenchRequest], console: Console) -> BenchResult:
                            SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.output_len, ignore_eos=True),
                            arrival_time=t0, stream=False)
     res = BenchResult("glake", 0.0, len(reqs), sum(r.prompt_len for r in reqs), 0)
-    kv = engine.kv
-    pool = kv.pool_stats()
-    mapped_before, page, total_pages = pool["pages_mapped"], pool["page_size"], pool["total_pages"]
-    bytes_per_token, reserved_per_slot = kv.kv_bytes_per_token(), kv.reserved_pages_per_slot()
+    first = engine.stats()
+    mapped_before, page = first["pool"]["pages_mapped"], first["pool"]["page_size"]
+    bytes_per_token, reserved_per_slot = first["kv_bytes_per_token"], first["kv_reserved_pages_per_slot"]
     with _progress(console) as progress:
         task = progress.add_task("requests", total=len(reqs))
         while engine.has_unfinished_requests():
             t_step = time.monotonic()
             outs = engine.step()
             dt = time.monotonic() - t_step
-            path = engine.runner.last_path
-            agg = res.step_paths.setdefault(path, [0, 0.0])
+            agg = res.step_paths.setdefault(engine.last_path, [0, 0.0])
             agg[0] += 1
             agg[1] += dt
             for out in outs:
@@ -90,22 +91,26 @@ def run_glake(llm, reqs: list[BenchRequest], console: Console) -> BenchResult:
                     tpot = out.metrics.tpot(out.num_output_tokens)
                     if tpot is not None:
                         res.tpot.append(tpot)
-            running = engine.scheduler.running
-            res.peak_batch = max(res.peak_batch, len(running))
-            res.timeline.append({
-                "t": time.monotonic() - t0,
-                "generated": engine.counters["generation_tokens"],
-                "running": len(running),
-                "waiting": len(engine.scheduler.waiting),
-                "mapped_bytes": (total_pages - kv.free_pages()) * page,
-                "reserved_bytes": len(running) * reserved_per_slot * page,
-                "token_bytes": sum(r.num_computed_tokens for r in running) * bytes_per_token,
-            })
+            if not res.timeline or time.monotonic() - t0 - res.timeline[-1]["t"] >= TIMELINE_INTERVAL:
+                s = engine.stats()
+                res.peak_batch = max(res.peak_batch, s["running"])
+                kv = s["kv_pages"]
+                res.timeline.append({
+                    "t": time.monotonic() - t0,
+                    "generated": s["generation_tokens"],
+                    "running": s["running"],
+                    "waiting": s["waiting"],
+                    "mapped_bytes": (kv["total"] - kv["free"]) * page,
+                    "reserved_bytes": s["running"] * reserved_per_slot * page,
+                    "token_bytes": s["running_tokens"] * bytes_per_token,
+                })
     res.elapsed = time.monotonic() - t0
     stats = engine.stats()
     res.pages_mapped = stats["pool"]["pages_mapped"] - mapped_before
     res.preemptions = stats["preemptions"]
     res.mapping_waits = stats["mapping_waits"]
+    res.engine_driver_calls = stats["engine_driver_calls"]
+    res.peak_batch = max(res.peak_batch, max((p["running"] for p in res.timeline), default=0))
     return res
 
 
@@ -159,6 +164,7 @@ def report(res: BenchResult, console: Console) -> None:
         t2.add_row("KV pages mapped", str(res.pages_mapped))
         t2.add_row("preemptions", str(res.preemptions))
         t2.add_row("mapping waits", str(res.mapping_waits))
+        t2.add_row("engine-thread driver calls", str(res.engine_driver_calls))
     console.print(t2)
 
 
