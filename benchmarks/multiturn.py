@@ -42,8 +42,12 @@ def pick(tok, count: int, turns: int, max_user: int, max_output: int) -> list[li
     return out
 
 
+COUNTERS = ("lookups", "hits", "hit_tokens", "slot_reuses", "aliased_blocks", "evicted_blocks", "evicted")
+
+
 def replay(llm: LLM, convs, chatml: dict, concurrency: int) -> dict:
     engine = llm.engine
+    before = engine.stats()["prefix_cache"]
     first = chatml["system"]
     state = {}  # request id -> (conversation, turn, prompt ids)
     ttft: dict[int, list[float]] = {}
@@ -76,6 +80,8 @@ def replay(llm: LLM, convs, chatml: dict, concurrency: int) -> dict:
                 active -= 1
     elapsed = time.monotonic() - t0
     pc = engine.stats()["prefix_cache"]
+    if pc is not None and before is not None:
+        pc = {k: v - before.get(k, 0) if k in COUNTERS else v for k, v in pc.items()}
     return {"elapsed_s": elapsed, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
             "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed,
             "mean_ttft_ms_by_turn": {t + 1: 1e3 * statistics.mean(v) for t, v in sorted(ttft.items())},
@@ -116,11 +122,11 @@ def main() -> None:
         # Warm-up on other conversations, so Triton compiles and first-use costs land in neither
         # measured run; the prefix cache starts empty again after it.
         replay(llm, [c[:2] for c in convs[:args.warmup]], chatml_pieces(tok), args.concurrency)
-        if llm.engine.kv.prefix is not None:
-            llm.engine.kv.prefix.clear()
-            llm.engine.kv.prefix.reset_counters()
+        llm.engine.drop_cached_kv()  # the cache starts empty; replay() counts its hits from here
         r = replay(llm, convs[args.warmup:], chatml_pieces(tok), args.concurrency)
-        r["tokens_per_page"] = llm.engine.kv.tokens_per_page()
+        stats = llm.engine.stats()
+        r.update(tokens_per_page=stats["tokens_per_page"], engine_driver_calls=stats["engine_driver_calls"],
+                 mapping_waits=stats["mapping_waits"])
         result["on" if caching else "off"] = r
         print(f"prefix caching {'on ' if caching else 'off'}: TTFT by turn (ms) "
               f"{ {k: round(v, 1) for k, v in r['mean_ttft_ms_by_turn'].items()} }, turns 3+: "

@@ -20,9 +20,10 @@ from glakeserve.attention import make_backend
 from glakeserve.kv import KVLayout, make_kv_cache
 from glakeserve.model.loader import ModelSource, load_model, model_config, resolve_model
 from glakeserve.model_runner import LaunchedStep, ModelRunner
+from glakeserve.profiling import DeviceTimeline, PhaseClock
 from glakeserve.request import Request, RequestMetrics, RequestOutput
 from glakeserve.sampling import SamplingParams
-from glakeserve.scheduler import ScheduledBatch, Scheduler
+from glakeserve.scheduler import Scheduler
 from glakeserve.tokenizer import Tokenizer, detokenize_step
 
 DTYPES = {
@@ -53,6 +54,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     cuda_graph_max_batch: int | None = None  # decode batches up to this size replay CUDA graphs (default: max_num_seqs)
     async_scheduling: bool | None = None  # schedule step N+1 while step N runs (default: on a GPU)
+    time_gpu_steps: bool = False  # CUDA events around each step: device busy / idle time in stats() (GPU only)
     check_integrity: bool = False  # check the KV cache's books after every step (tests)
 
 
@@ -114,7 +116,12 @@ class LLMEngine:
         self.attn = make_backend(config.attention_backend, self.device, cfg.num_kv_heads)
         self.scheduler = Scheduler(self.kv, self.max_num_seqs, self.max_num_batched_tokens, self.eos_token_ids)
         graphs = 0 if config.enforce_eager else min(config.cuda_graph_max_batch or self.max_num_seqs, self.max_num_seqs)
-        self.runner = ModelRunner(self.model, self.kv, self.attn, self.eos_token_ids, cuda_graph_max_batch=graphs)
+        if config.time_gpu_steps and not gpu:
+            raise ValueError("time_gpu_steps times the GPU's work with CUDA events: it needs device cuda")
+        self.clock = PhaseClock()
+        self.timeline = DeviceTimeline() if config.time_gpu_steps else None
+        self.runner = ModelRunner(self.model, self.kv, self.attn, self.eos_token_ids, cuda_graph_max_batch=graphs,
+                                  clock=self.clock, timeline=self.timeline)
         self.async_scheduling = gpu if config.async_scheduling is None else config.async_scheduling
         self._in_flight: LaunchedStep | None = None
         self.last_path = ""  # "graph" or "eager": how the last launched step ran
@@ -193,13 +200,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """schedule -> launch -> update -> outputs. With async scheduling the tokens read are the
         previous launch's: this step's batch was scheduled before they were known."""
-        batch = self.scheduler.schedule()
-        outputs = [self._output(r, "", []) for r in batch.failed]
-        for r in batch.failed:
-            self.requests.pop(r.request_id, None)
-        if self._in_flight is not None and self._needs_known_outputs(batch):
+        self.clock.start()
+        outputs = []
+        if self._in_flight is not None and self._needs_known_outputs():
             outputs += self._update(self._in_flight)  # penalties count every output token: read them first
             self._in_flight = None
+        batch = self.scheduler.schedule()
+        self.clock.lap("schedule")
+        outputs += [self._output(r, "", []) for r in batch.failed]
+        for r in batch.failed:
+            self.requests.pop(r.request_id, None)
         launched = None
         if not batch.empty:
             launched = self.runner.launch(batch)
@@ -213,16 +223,21 @@ class LLMEngine:
         self.counters["steps"] += 1
         if self.config.check_integrity:
             self.kv.check_integrity(self.scheduler.tokens_held())
+        self.clock.lap("other")
         return outputs
 
-    @staticmethod
-    def _needs_known_outputs(batch: ScheduledBatch) -> bool:
-        return any(r.params.uses_penalties for r in batch.samplers)
+    def _needs_known_outputs(self) -> bool:
+        """Penalties count a request's output tokens on the host: with one of them running, the
+        step in flight is read before the next is scheduled (that step is not overlapped)."""
+        return any(r.params.uses_penalties for r in self.scheduler.running)
 
     def _update(self, step: LaunchedStep) -> list[RequestOutput]:
         tokens = self.runner.read(step)
         got = self.scheduler.update(step.batch, tokens)
-        return self._postprocess(got)
+        self.clock.lap("update")
+        outputs = self._postprocess(got)
+        self.clock.lap("postprocess")
+        return outputs
 
     def _postprocess(self, got: list[Request]) -> list[RequestOutput]:
         """Counters, detokenization, stop strings and outputs for the requests that got a token."""
@@ -307,6 +322,8 @@ class LLMEngine:
             "kv_bytes_per_token": self.kv.kv_bytes_per_token(),
             "kv_reserved_pages_per_slot": self.kv.blocks_for(self.max_model_len) * kv.pages_per_block,
             "last_path": self.last_path,
+            "phase_seconds": dict(self.clock.seconds),  # the engine thread's time by phase
+            "device_timeline": self.timeline.stats() if self.timeline is not None else None,
             "pool": kv.pool,
             "slots": self.kv.slot_stats(self.scheduler.tokens_held()),
             "kv_pages": {"total": kv.total_pages, "free": kv.free_pages, "requests": kv.request_pages,

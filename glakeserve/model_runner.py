@@ -17,6 +17,7 @@ import torch
 from glakeserve.attention.base import AttentionBackend, AttentionMetadata
 from glakeserve.kv import KVCache
 from glakeserve.model.llama import LlamaModel
+from glakeserve.profiling import DeviceTimeline, PhaseClock
 from glakeserve.sampling import SamplingBatch, sample
 from glakeserve.scheduler import ScheduledBatch
 
@@ -128,12 +129,16 @@ class LaunchedStep:
     tokens: torch.Tensor | None  # sampled ids: pinned host memory on a GPU; None when nothing sampled
     event: torch.cuda.Event | None
     path: str  # "graph" or "eager"
+    start: torch.cuda.Event | None = None  # with a DeviceTimeline: the step's device work starts here
 
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, attn: AttentionBackend, eos_token_ids: tuple[int, ...],
-                 cuda_graph_max_batch: int = 0):
+                 cuda_graph_max_batch: int = 0, clock: PhaseClock | None = None,
+                 timeline: DeviceTimeline | None = None):
         self.model = model
+        self.clock = clock or PhaseClock()
+        self.timeline = timeline
         self.kv = kv
         self.attn = attn
         self.device = model.device
@@ -152,7 +157,9 @@ class ModelRunner:
         staging = self.staging[self._turn]
         self._turn ^= 1
         staging.reset()
+        started = self.timeline.mark() if self.timeline is not None else None
         self.kv.begin_step(batch)
+        self.clock.lap("kv_begin")
         ids, slots, qlens, ctxs = [], [], [], []
         last_index = []  # index into the flat token list of each sampler's last token
         samplers = batch.samplers  # in batch order
@@ -185,15 +192,20 @@ class ModelRunner:
                 sampled = out
         event = None
         if self.device.type == "cuda":
-            event = torch.cuda.Event()
+            event = DeviceTimeline.mark() if self.timeline is not None else torch.cuda.Event()
             event.record()
+        self.clock.lap("launch")
         self.kv.end_step(batch, event)
-        return LaunchedStep(batch, sampled, event, path)
+        self.clock.lap("kv_end")
+        return LaunchedStep(batch, sampled, event, path, started)
 
     def read(self, step: LaunchedStep) -> list[int]:
         """The step's sampled tokens, one per sampler (waits for the device: the one wait of a step)."""
         if step.event is not None:
             step.event.synchronize()
+            if step.start is not None:
+                self.timeline.add(step.start, step.event)
+        self.clock.lap("gpu_wait")
         return [] if step.tokens is None else step.tokens.tolist()
 
     def sampling_batch(self, batch: ScheduledBatch) -> SamplingBatch:

@@ -83,14 +83,13 @@ def test_maps_and_unmaps_on_the_worker_stay_ordered_with_kernels():
     """Repeatedly: a map queued and a kernel launched at once on what it maps (the cache waits only
     for that job); then the slot released and its pages reclaimed (an unmap queued right after the
     kernel, which the worker holds back until the kernel's event). Results exact, no illegal address."""
-    kv, reqs = cache("token-major", 4, 256, layers=2)
-    T = kv.tokens_per_block()
+    kv, reqs = cache("token-major", 4, 2048, layers=2)  # 256 tokens a block
     rng = random.Random()
     for it in range(40):
         r = reqs[it % 4]
         kv.release(r)
         kv.drop_cached()  # its pages go back: unmaps queued behind the last kernel's event
-        fresh = bare_request(f"n{it}", [1] * rng.randrange(T, 256))
+        fresh = bare_request(f"n{it}", [1] * rng.randrange(1, 2048))
         assert kv.admit(fresh) and kv.reserve(fresh, fresh.num_tokens)
         fresh.num_computed_tokens = fresh.num_tokens
         batch = ScheduledBatch(requests=[fresh], num_new_tokens=[fresh.num_tokens], starts=[0])

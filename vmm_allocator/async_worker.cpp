@@ -3,6 +3,7 @@
 // is rethrown in the caller's thread on wait.
 #include <algorithm>
 #include <chrono>
+#include <stdexcept>
 
 #include "allocator.h"
 
