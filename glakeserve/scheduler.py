@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from glakeserve.kv import KVCache
 from glakeserve.request import Request, RequestStatus
 
+UPCOMING = 64  # waiting requests the cache may prepare slots for, at most
+FINISHING = 8  # seats expected to free up by the next step beyond the empty ones
+
 
 @dataclass
 class ScheduledBatch:
@@ -23,6 +26,7 @@ class ScheduledBatch:
     sample_steps: list[int] = field(default_factory=list)  # output tokens each sampler had before this one
     preempted: list[Request] = field(default_factory=list)
     failed: list[Request] = field(default_factory=list)  # can never fit: finished with an error
+    upcoming: list[Request] = field(default_factory=list)  # waiting requests likely admitted soon
 
     @property
     def empty(self) -> bool:
@@ -95,6 +99,9 @@ class Scheduler:
             self.running.append(req)
             self._add(batch, req, n)
             budget -= n
+        # the next admissions, so the cache can map their blocks while this step runs
+        seats = min(UPCOMING, max(0, self.max_num_seqs - len(self.running)) + FINISHING)
+        batch.upcoming = [r for _, r in zip(range(seats), self.waiting) if not r.num_pending]
         return batch
 
     @staticmethod

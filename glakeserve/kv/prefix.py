@@ -67,11 +67,12 @@ class PrefixIndex:
         return keys
 
     # ----- lookup -----------------------------------------------------------------------------
-    def match(self, token_ids: list[int], limit: int) -> list[Entry]:
+    def match(self, token_ids: list[int], limit: int, count: bool = True) -> list[Entry]:
         """The entries holding token_ids' first full blocks, covering at most `limit` tokens. Each
-        entry's tokens and parent are checked against the request: by induction, the whole chain."""
+        entry's tokens and parent are checked against the request: by induction, the whole chain.
+        count=False: a look that is not an admission (not counted as a lookup)."""
         T = self.tokens_per_block
-        self.lookups += 1
+        self.lookups += count
         found: list[Entry] = []
         parent = ROOT
         while (len(found) + 1) * T <= limit:

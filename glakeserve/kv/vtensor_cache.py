@@ -82,6 +82,7 @@ class VTensorKVCache(KVCache):
         self.books = PageBooks(pool, self.vtensors, self.blocks_per_slot, self.num_slots)
         self.idle: OrderedDict[int, float] = OrderedDict((i, 0.0) for i in range(1, self.num_slots))  # LRU first
         self.step_event: torch.cuda.Event | None = None  # the last launched step: unmaps wait for it
+        self.prepared: dict[str, int | None] = {}  # request id -> idle slot mapped ahead for it (None: a hit)
         self.reclaimed_pages = 0
         one_request = self.blocks_for(max_model_len) * self.pages_per_block
         total = self.books.total_pages
@@ -151,7 +152,8 @@ class VTensorKVCache(KVCache):
             slot = self.slots[max(own, key=lambda s: (_common(self.slots[s].tokens, ids, limit), self.idle[s]))]
             cached = _common(slot.tokens, ids, limit)
         else:
-            slot = self._pick_idle(self.blocks_for(len(ids)))
+            index = self.prepared.pop(req.request_id, None)
+            slot = self.slots[index] if index in self.idle else self._pick_idle(self.blocks_for(len(ids)))
             cached = len(found) * self.tokens_per_block()
         del self.idle[slot.index]
         slot.owner = req.request_id
@@ -186,9 +188,12 @@ class VTensorKVCache(KVCache):
     def _pick_idle(self, blocks: int) -> Slot:
         """For a request with no cached prefix: the least recently used idle slot (its KV is the
         least likely to be asked for again) among those already mapping `blocks` blocks; else, of
-        the first few, the one mapping the most."""
+        the first few, the one mapping the most. Slots prepared for other requests come last."""
         best = None
+        taken = {i for i in self.prepared.values() if i is not None}
         for i, index in enumerate(self.idle):
+            if index in taken and len(taken) < len(self.idle):
+                continue
             have = len(self.books.blocks[index])
             if have >= blocks:
                 return self.slots[index]
@@ -239,6 +244,7 @@ class VTensorKVCache(KVCache):
         self.books.truncate(slot.index, 0, self.step_event)
 
     def release(self, req) -> None:
+        self.prepared.pop(req.request_id, None)
         slot = req.slot
         ids = req.all_token_ids
         slot.tokens = ids[:min(req.num_computed_tokens, len(ids))]
@@ -280,6 +286,21 @@ class VTensorKVCache(KVCache):
             if req.num_computed_tokens <= prompt:
                 self._index(slot, req.prompt_token_ids[:req.num_computed_tokens])
             need = min(self.blocks_for(req.num_tokens + self.lookahead_tokens), self.blocks_per_slot)
+            extra = (need - len(self.books.blocks[slot.index])) * self.pages_per_block
+            if 0 < extra <= free:
+                free -= extra
+                wanted.append((slot.index, need))
+        upcoming = {r.request_id for r in batch.upcoming}
+        self.prepared = {r: i for r, i in self.prepared.items() if r in upcoming}  # others left the queue
+        for req in batch.upcoming:  # the idle slot each next admission will take, mapped for its prompt
+            if req.request_id in self.prepared:
+                continue
+            if self.prefix is not None and self.prefix.match(req.all_token_ids, req.num_tokens - 1, count=False):
+                self.prepared[req.request_id] = None  # it will reuse cached blocks: nothing to map
+                continue
+            slot = self._pick_idle(self.blocks_for(req.num_tokens))
+            self.prepared[req.request_id] = slot.index
+            need = self.blocks_for(req.num_tokens)
             extra = (need - len(self.books.blocks[slot.index])) * self.pages_per_block
             if 0 < extra <= free:
                 free -= extra
