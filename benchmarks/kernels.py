@@ -2,7 +2,7 @@
 
   decode   achieved GB/s (K and V bytes read) against the device's copy bandwidth measured here;
            Llama-2-7B (32 KV heads) and Llama-3-8B (8 KV heads) head shapes, batch 1..256, context
-           512..8192; vTensor caches in both layouts (real VMM memory, mapped) and the paged baseline
+           512..8192; vTensor caches in every layout (real VMM memory, mapped) and the paged baseline
   prefill  TFLOP/s of our extend kernel against torch's scaled_dot_product_attention (causal)
 
     python benchmarks/kernels.py [--json out.json] [--quick]
@@ -49,10 +49,10 @@ def vtensor_caches(cfg, layout, batch, ctx):
     depends on it). Returns the views and the slot ids the requests were given."""
     from dataclasses import replace
 
-    c = cfg if layout == "token-major" else replace(cfg, num_layers=1)
-    per_token = c.num_kv_heads * c.head_dim * 2 * (2 * c.num_layers if layout == "token-major" else 1)
+    c = replace(cfg, num_layers=1) if layout == "per-layer" else cfg
+    per_token = c.num_kv_heads * c.head_dim * 2 * (1 if layout == "per-layer" else 2 * c.num_layers)
     page = default_page_size(per_token, 2 << 20, host=False)
-    per_block = 1 if layout == "token-major" else 2
+    per_block = 2 if layout == "per-layer" else 1
     blocks = -(-ctx * per_token // page)
     pool = PagePool((batch + 1) * blocks * per_block + per_block, page_size=page, backend="cuda")
     kv = VTensorKVCache(pool, c, torch.bfloat16, ctx, batch, layout=layout, prefix_caching=False, lookahead_tokens=0,
@@ -64,8 +64,12 @@ def vtensor_caches(cfg, layout, batch, ctx):
     kv.begin_step(ScheduledBatch(requests=reqs, num_new_tokens=[ctx] * batch, starts=[0] * batch))  # maps done
     slots = torch.tensor([r.slot.index for r in reqs], device="cuda")
     k, v = kv.k_cache(0), kv.v_cache(0)
-    k[slots, :ctx] = torch.randn(batch, ctx, c.num_kv_heads, c.head_dim, dtype=torch.bfloat16, device="cuda")
-    v[slots, :ctx] = torch.randn_like(k[slots, :ctx])
+    for cache in (k, v):  # only the mapped part: the rest is not backed (an illegal address)
+        if cache.dim() == 5:  # page-major: [slot, page, pos_in_page, ...]; ctx is a multiple of a page here
+            pages = ctx // cache.shape[2]
+            cache[slots, :pages] = torch.randn(batch, pages, *cache.shape[2:], dtype=torch.bfloat16, device="cuda")
+        else:
+            cache[slots, :ctx] = torch.randn(batch, ctx, c.num_kv_heads, c.head_dim, dtype=torch.bfloat16, device="cuda")
     return (k, v, None, slots), kv
 
 
@@ -80,8 +84,8 @@ def paged_caches(cfg, batch, ctx):
 
 def decode_point(cfg, layout, batch, ctx, splits_for) -> dict | None:
     kv_bytes = batch * ctx * 2 * cfg.num_kv_heads * cfg.head_dim * 2  # K and V of one layer, bf16
-    alloc = batch * ctx * (cfg.kv_bytes_per_token * 2 if layout == "token-major" else 2 * cfg.num_kv_heads
-                           * cfg.head_dim * 2)
+    alloc = batch * ctx * (2 * cfg.num_kv_heads * cfg.head_dim * 2 if layout == "per-layer"
+                           else cfg.kv_bytes_per_token * 2)
     if alloc > MAX_BYTES:
         return None
     (k, v, table, slots), owner = (paged_caches(cfg, batch, ctx) if layout == "paged"
@@ -153,7 +157,7 @@ def main() -> None:
             return max(1, min(16, -(-2 * sms // (b * kvh))))
 
         rows = []
-        for layout in ("per-layer", "token-major", "paged"):
+        for layout in ("per-layer", "token-major", "page-major", "paged"):
             for b in batches:
                 for ctx in contexts:
                     r = decode_point(cfg, layout, b, ctx, splits_for)

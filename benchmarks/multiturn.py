@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-output", type=int, default=128)
-    ap.add_argument("--warmup", type=int, default=4, help="conversations replayed (2 turns) before timing")
+    ap.add_argument("--warmup", type=int, default=4, help="conversations replayed (every turn) before timing")
     ap.add_argument("--max-user", type=int, default=256, help="cap on a user message's tokens")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--kv-cache-memory", type=float)
@@ -121,7 +121,7 @@ def main() -> None:
         convs = pick(tok, args.warmup + args.conversations, args.turns, args.max_user, args.max_output)
         # Warm-up on other conversations, so Triton compiles and first-use costs land in neither
         # measured run; the prefix cache starts empty again after it.
-        replay(llm, [c[:2] for c in convs[:args.warmup]], chatml_pieces(tok), args.concurrency)
+        replay(llm, convs[:args.warmup], chatml_pieces(tok), args.concurrency)
         llm.engine.drop_cached_kv()  # the cache starts empty; replay() counts its hits from here
         r = replay(llm, convs[args.warmup:], chatml_pieces(tok), args.concurrency)
         stats = llm.engine.stats()

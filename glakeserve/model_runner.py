@@ -147,6 +147,8 @@ class ModelRunner:
         self._turn = 0
         self.last_token = torch.zeros(kv.num_slots, dtype=torch.int64, device=self.device)  # per slot
         self.graphs = None
+        if self.device.type == "cuda" and kv.block_table is None:
+            attn.warm_up(kv.k_cache(0), kv.v_cache(0), model.cfg.num_heads, kv.padding_slot())
         if cuda_graph_max_batch and self.device.type == "cuda" and attn.supports_cuda_graphs:
             self.graphs = DecodeGraphs(model, kv, attn, cuda_graph_max_batch, self.last_token)
             self.graphs.capture()

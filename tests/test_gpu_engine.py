@@ -24,7 +24,7 @@ def tiny(tmp_path_factory):
     return path, LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
 
 
-@pytest.mark.parametrize("layout", ["token-major", "per-layer", "paged"])
+@pytest.mark.parametrize("layout", ["token-major", "page-major", "per-layer", "paged"])
 def test_logits_match_hf_on_gpu(tiny, layout):
     path, hf = tiny
     runner = DirectRunner(path, layout, max_len=512, backend="triton", device="cuda")
@@ -56,8 +56,8 @@ def generate(path, layout, prompts, max_new, **kw):
     return [done[i] for i in ids]
 
 
-@pytest.mark.parametrize("layout,async_scheduling", [("token-major", True), ("token-major", False),
-                                                    ("per-layer", True), ("paged", True)])
+@pytest.mark.parametrize("layout,async_scheduling", [("page-major", True), ("page-major", False),
+                                                    ("token-major", True), ("per-layer", True), ("paged", True)])
 def test_greedy_identical_to_hf_with_cuda_graphs(tiny, layout, async_scheduling):
     path, hf = tiny
     prompts = [torch.randint(3, SHAPE["vocab"], (n,)).tolist() for n in (5, 40, 130, 7, 64, 250)]

@@ -24,9 +24,9 @@ def cache(layout: str, batch: int, ctx: int, layers: int = 1) -> tuple[VTensorKV
     from dataclasses import replace
 
     cfg = replace(CFG, num_layers=layers)
-    per_token = cfg.num_kv_heads * cfg.head_dim * 2 * (2 * layers if layout == "token-major" else 1)
+    per_token = cfg.num_kv_heads * cfg.head_dim * 2 * (1 if layout == "per-layer" else 2 * layers)
     page = default_page_size(per_token, 2 << 20, host=False)
-    per_block = 1 if layout == "token-major" else 2 * layers
+    per_block = 2 * layers if layout == "per-layer" else 1
     blocks = -(-ctx * per_token // page)
     pool = PagePool((batch + 1) * blocks * per_block + per_block, page_size=page, backend="cuda")
     kv = VTensorKVCache(pool, cfg, torch.bfloat16, ctx, batch, layout=layout, prefix_caching=False,
@@ -51,15 +51,27 @@ def reference(q, k, v, causal_from: int | None = None):
     return (s.softmax(-1) @ v).transpose(0, 1)
 
 
-@pytest.mark.parametrize("layout", ["token-major", "per-layer"])
+@pytest.mark.parametrize("layout", ["token-major", "page-major", "per-layer"])
 @pytest.mark.parametrize("batch,ctx", [(1, 512), (16, 2048), (64, 4096), (1, 8192)])
 def test_kernels_read_exactly_the_mapped_context(layout, batch, ctx):
     kv, reqs = cache(layout, batch, ctx)
     slots = torch.tensor([r.slot.index for r in reqs], device="cuda")
     k, v = kv.k_cache(0), kv.v_cache(0)
     H, KVH, D = CFG.num_heads, CFG.num_kv_heads, CFG.head_dim
-    k[slots, :ctx] = torch.randn(batch, ctx, KVH, D, dtype=torch.bfloat16, device="cuda")
-    v[slots, :ctx] = torch.randn(batch, ctx, KVH, D, dtype=torch.bfloat16, device="cuda")
+
+    def seq(cache, s):  # [ctx, KVH, D] of slot s, whichever the layout (mapped pages only)
+        return cache[s, :-(-ctx // cache.shape[2])].flatten(0, 1)[:ctx] if cache.dim() == 5 else cache[s, :ctx]
+
+    for s in slots.tolist():
+        for cache in (k, v):
+            data = torch.randn(ctx, KVH, D, dtype=torch.bfloat16, device="cuda")
+            if cache.dim() == 5:
+                pages = -(-ctx // cache.shape[2])
+                for p in range(pages):
+                    n = min(cache.shape[2], ctx - p * cache.shape[2])
+                    cache[s, p, :n] = data[p * cache.shape[2]:p * cache.shape[2] + n]
+            else:
+                cache[s, :ctx] = data
     lens = torch.full((batch,), ctx, device="cuda")
     q = torch.randn(batch, H, D, dtype=torch.bfloat16, device="cuda")
     splits = max(1, min(16, -(-264 // (batch * KVH))))
@@ -71,10 +83,10 @@ def test_kernels_read_exactly_the_mapped_context(layout, batch, ctx):
     torch.cuda.synchronize()  # an illegal address surfaces here
     for i in random.sample(range(batch), min(batch, 4)):
         s = int(slots[i])
-        torch.testing.assert_close(out[i].float(), reference(q[i:i + 1], k[s, :ctx], v[s, :ctx])[0],
+        torch.testing.assert_close(out[i].float(), reference(q[i:i + 1], seq(k, s), seq(v, s))[0],
                                    atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(oe[i * n:(i + 1) * n].float(),
-                                   reference(qe[i * n:(i + 1) * n], k[s, :ctx], v[s, :ctx], causal_from=0),
+                                   reference(qe[i * n:(i + 1) * n], seq(k, s), seq(v, s), causal_from=0),
                                    atol=2e-2, rtol=2e-2)
     kv.close()
 

@@ -15,7 +15,7 @@ from glakeserve.vtensor import PagePool
 from helpers import bare_request
 
 CFG = DUMMY_SHAPES["tiny-llama"]  # fp32: 1 KiB of KV a token (token-major), 256 B per vTensor per-layer
-CACHES = ["token-major", "per-layer", "paged"]
+CACHES = ["token-major", "page-major", "per-layer", "paged"]
 
 
 def make(kind: str, pages: int = 64, max_len: int = 64, slots: int = 4):
@@ -23,7 +23,7 @@ def make(kind: str, pages: int = 64, max_len: int = 64, slots: int = 4):
     per-layer)."""
     if kind == "paged":
         return PagedKVCache(CFG, torch.float32, torch.device("cpu"), max_len, slots, memory_bytes=pages * 16 * 1024)
-    per_block = 1 if kind == "token-major" else 2 * CFG.num_layers
+    per_block = 2 * CFG.num_layers if kind == "per-layer" else 1
     pool = PagePool(pages * per_block, page_size=4096, backend="host")
     return VTensorKVCache(pool, CFG, torch.float32, max_len, slots, layout=kind, prefix_caching=False, owns_pool=True)
 
@@ -35,7 +35,9 @@ def step(kv, reqs):
     kv.begin_step(batch)
     for r in reqs:  # touch the KV the step writes: a slot whose page is not mapped would fault here
         pos = r.num_computed_tokens - 1
-        if kv.block_table is None:
+        if kv.block_table is None and kv.k_cache(0).dim() == 5:  # page-major
+            kv.k_cache(0)[r.slot.index, pos // 4, pos % 4].fill_(1.0)
+        elif kv.block_table is None:
             kv.k_cache(0)[r.slot.index, pos].fill_(1.0)
         else:
             block = int(kv.block_table[r.slot.index, pos // 16])
@@ -90,7 +92,7 @@ def test_the_contract_under_random_operations(kind):
 
 @pytest.mark.parametrize("kind", CACHES)
 def test_reserve_fails_only_when_nothing_idle_is_left(kind):
-    T = 4 if kind == "token-major" else 16  # tokens a block holds
+    T = 16 if kind in ("per-layer", "paged") else 4  # tokens a block holds
     kv = make(kind, pages=20, max_len=10 * T)
     a, b = bare_request("a", [1] * T * 10), bare_request("b", [2] * T * 9)
     assert kv.admit(a) and kv.reserve(a, T * 10)
@@ -105,7 +107,7 @@ def test_reserve_fails_only_when_nothing_idle_is_left(kind):
 
 @pytest.mark.parametrize("kind", CACHES)
 def test_a_pool_too_small_for_one_request_says_so(kind):
-    T = 4 if kind == "token-major" else 16
+    T = 16 if kind in ("per-layer", "paged") else 4
     with pytest.raises(KVCacheTooSmallError, match="raise kv_cache_memory or lower max_model_len"):
         make(kind, pages=8, max_len=8 * T)  # 8 blocks and the padding slot's
 

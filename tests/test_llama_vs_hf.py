@@ -25,7 +25,7 @@ def tiny(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: its interpreter on the CPU
-@pytest.mark.parametrize("layout", ["token-major", "per-layer", "paged"])
+@pytest.mark.parametrize("layout", ["token-major", "page-major", "per-layer", "paged"])
 def test_logits_match_hf(tiny, layout, backend):
     path, hf = tiny
     runner = DirectRunner(path, layout, backend=backend)

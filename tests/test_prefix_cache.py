@@ -18,7 +18,7 @@ GREEDY = dict(temperature=0, ignore_eos=True)
 def tiny(caching: bool, pages: int = 200, layout: str = "token-major", **kw) -> LLMEngine:
     """tiny-llama with random weights: 1 KiB of KV a token, so 4 tokens a 4 KiB host page
     token-major (per-layer: 16 tokens a page, 4 vTensors)."""
-    per_block = 1 if layout == "token-major" else 4
+    per_block = 4 if layout == "per-layer" else 1
     return LLMEngine(EngineConfig(model="tiny-llama", load_format="dummy", max_model_len=128, max_num_seqs=4,
                                   max_num_batched_tokens=32, page_size=4096, kv_cache_memory=pages * per_block * 4096,
                                   kv_layout=layout, enable_prefix_caching=caching, check_integrity=True, **kw))
@@ -104,7 +104,7 @@ def test_reusing_an_alias_source_never_changes_the_other_holder():
     eng.close()
 
 
-@pytest.mark.parametrize("layout", ["token-major", "per-layer"])
+@pytest.mark.parametrize("layout", ["token-major", "page-major", "per-layer"])
 def test_outputs_equal_with_and_without_caching_under_random_traffic(layout):
     """Shared stems cut at every offset, follow-up turns, aborts, a pool tight enough to reclaim
     and preempt, and a limit change mid-run: same outputs, books balanced after every step."""

@@ -1,5 +1,5 @@
 """The Triton attention kernels against a plain torch reference, on fresh random inputs with
-NaN-poisoned outputs: both vTensor layouts and the paged baseline, ragged lengths, lengths at page
+NaN-poisoned outputs: the three vTensor layouts and the paged baseline, ragged lengths, lengths at page
 and tile boundaries, GQA and MHA. On the CPU they run in Triton's interpreter at small shapes; on a
 GPU (`gpu` marker) at Llama shapes in bfloat16."""
 
@@ -25,7 +25,7 @@ def shapes():
 
 
 class Caches:
-    """The same logical KV (slot, position) in one of three physical layouts."""
+    """The same logical KV (slot, position) in one of four physical layouts."""
 
     def __init__(self, layout, slots, max_len, kv_heads, dim, dtype, device, layers=3, layer=1):
         self.layout = layout
@@ -38,6 +38,9 @@ class Caches:
         if layout == "token-major":  # slot: [max_len, layers, 2, kv_heads, dim]; caches are strided views
             base = rand(slots, max_len, layers, 2, kv_heads, dim)
             self.k, self.v = base[:, :, layer, 0], base[:, :, layer, 1]
+        elif layout == "page-major":  # slot: [pages, layers, 2, PAGE, kv_heads, dim]
+            base = rand(slots, max_len // PAGE, layers, 2, PAGE, kv_heads, dim)
+            self.k, self.v = base[:, :, layer, 0], base[:, :, layer, 1]  # [slots, pages, PAGE, kvh, dim]
         elif layout == "per-layer":
             self.k, self.v = rand(slots, max_len, kv_heads, dim), rand(slots, max_len, kv_heads, dim)
         else:  # paged: blocks handed out in a random order
@@ -49,6 +52,8 @@ class Caches:
 
     def sequence(self, slot, length):
         """[length, kv_heads, dim] K and V of a slot, gathered the slow, obvious way."""
+        if self.layout == "page-major":
+            return self.k[slot].flatten(0, 1)[:length], self.v[slot].flatten(0, 1)[:length]
         if self.block_table is None:
             return self.k[slot, :length], self.v[slot, :length]
         rows = self.block_table[slot].long()
@@ -76,7 +81,7 @@ def lengths(max_len, n):
     return picked[:n]
 
 
-@pytest.mark.parametrize("layout", ["token-major", "per-layer", "paged"])
+@pytest.mark.parametrize("layout", ["token-major", "page-major", "per-layer", "paged"])
 @pytest.mark.parametrize("shape", shapes())
 def test_decode_attention(layout, shape):
     dev = "cuda" if shape["dtype"] == torch.bfloat16 else "cpu"
@@ -94,7 +99,7 @@ def test_decode_attention(layout, shape):
         torch.testing.assert_close(out[i].float(), reference(q[i:i + 1], k, v, 1)[0], atol=shape["atol"], rtol=0.02)
 
 
-@pytest.mark.parametrize("layout", ["token-major", "per-layer", "paged"])
+@pytest.mark.parametrize("layout", ["token-major", "page-major", "per-layer", "paged"])
 @pytest.mark.parametrize("shape", shapes())
 def test_extend_attention_after_a_cached_prefix(layout, shape):
     dev = "cuda" if shape["dtype"] == torch.bfloat16 else "cpu"
@@ -120,7 +125,7 @@ def test_extend_attention_after_a_cached_prefix(layout, shape):
                                    atol=shape["atol"], rtol=0.02)
 
 
-@pytest.mark.parametrize("layout", ["token-major", "per-layer", "paged"])
+@pytest.mark.parametrize("layout", ["token-major", "page-major", "per-layer", "paged"])
 @pytest.mark.parametrize("shape", shapes())
 def test_store_kv(layout, shape):
     dev = "cuda" if shape["dtype"] == torch.bfloat16 else "cpu"

@@ -76,6 +76,10 @@ class AttentionBackend(ABC):
 
     supports_cuda_graphs = False
 
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, padding_slot: int) -> None:
+        """Compiles, before serving, the kernel variants that the batches' shapes select (backends
+        that compile: Triton), working only on the padding slot's first token."""
+
     @abstractmethod
     def store_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  meta: AttentionMetadata) -> None:

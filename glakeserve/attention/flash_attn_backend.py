@@ -25,6 +25,9 @@ class FlashAttnBackend(AttentionBackend):
     def forward(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         if meta.block_table is not None:
             raise ValueError("flash-attn needs pages of 256+ tokens; use --attention-backend triton with --kv-layout paged")
+        if k_cache.dim() == 5:
+            raise ValueError("flash-attn reads [slot, position] caches; the page-major layout needs --attention-backend "
+                             "triton (or --kv-layout token-major)")
         slots = meta.slot_ids.to(torch.int32)
         lens = meta.context_lens.to(torch.int32)
         if meta.is_decode_only:  # q [B, 1, H, D]; the cache already holds this step's K and V

@@ -12,6 +12,11 @@ class TorchReferenceBackend(AttentionBackend):
     name = "torch"
 
     def store_kv(self, k_cache, v_cache, k, v, meta: AttentionMetadata) -> None:
+        if meta.block_table is None and k_cache.dim() == 5:  # page-major: [slot, page, pos_in_page, ...]
+            page = k_cache.shape[2]
+            k_cache[meta.token_slots, meta.positions // page, meta.positions % page] = k
+            v_cache[meta.token_slots, meta.positions // page, meta.positions % page] = v
+            return
         if meta.block_table is None:
             k_cache[meta.token_slots, meta.positions] = k
             v_cache[meta.token_slots, meta.positions] = v
@@ -24,6 +29,9 @@ class TorchReferenceBackend(AttentionBackend):
     @staticmethod
     def _sequence(cache, slot, ctx, block_table):
         """[ctx, KVH, D] of one slot or block-table row."""
+        if block_table is None and cache.dim() == 5:  # page-major: the slot's pages back to back
+            page = cache.shape[2]
+            return cache[slot, : -(-ctx // page)].flatten(0, 1)[:ctx]
         if block_table is None:
             return cache[slot, :ctx]
         page = cache.shape[1]
@@ -31,7 +39,7 @@ class TorchReferenceBackend(AttentionBackend):
 
     def forward(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
-        heads, kv_heads = q.shape[1], k_cache.shape[2]
+        heads, kv_heads = q.shape[1], k_cache.shape[-2]
         start = 0
         for slot, n, ctx in zip(meta.slot_ids_host, meta.query_lens_host, meta.context_lens_host):
             qi = q[start:start + n].transpose(0, 1)  # [H, n, D]

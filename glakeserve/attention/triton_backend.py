@@ -19,8 +19,22 @@ class TritonBackend(AttentionBackend):
         self.sms = sms
 
     def decode_splits(self, batch: int, max_context: int) -> int:
-        # about two waves of programs over the GPU, whatever the context (a graph cannot know it)
-        return max(1, min(16, -(-2 * self.sms // max(1, batch * self.kv_heads))))
+        # about two waves of programs over the GPU, whatever the context (a graph cannot know it);
+        # a power of two, so the few kernel variants are compiled when the decode graphs are captured
+        # (mixed steps have any number of decode rows: each new split count would compile mid-serving)
+        want = max(1, min(16, -(-2 * self.sms // max(1, batch * self.kv_heads))))
+        return 1 << (want - 1).bit_length()
+
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, padding_slot: int) -> None:
+        """The extend kernel's tile height follows a step's longest query (16 to 128 rows): compile
+        each now, on one query over the padding slot's first token, not on a user's first request."""
+        dev = k_cache.device
+        q = torch.zeros(1, heads, k_cache.shape[-1], dtype=k_cache.dtype, device=dev)
+        one = torch.ones(1, dtype=torch.int64, device=dev)
+        slot = torch.full((1,), padding_slot, dtype=torch.int64, device=dev)
+        starts = torch.tensor([0, 1], dtype=torch.int64, device=dev)
+        for longest in (16, 32, 64, 128):
+            ops.extend_attention(q, k_cache, v_cache, slot, starts, one, one, longest)
 
     def store_kv(self, k_cache, v_cache, k, v, meta: AttentionMetadata) -> None:
         ops.store_kv(k, v, k_cache, v_cache, meta.token_slots, meta.positions, block_table=meta.block_table)

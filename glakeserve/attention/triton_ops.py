@@ -1,5 +1,6 @@
-"""Triton kernels over vTensor KV caches: plain strided tensors `cache[slot, pos, kv_head, dim]`
-(either layout of glakeserve/kv/vtensor_cache.py), slot ids and lengths; no block tables. Each kernel sits beside a
+"""Triton kernels over vTensor KV caches: plain strided tensors, `cache[slot, pos, kv_head, dim]`
+(token-major and per-layer) or `cache[slot, page, pos_in_page, kv_head, dim]` (page-major: a page's
+tokens of one layer lie together), slot ids and lengths; no block tables. Each kernel sits beside a
 thin wrapper that checks shapes, dtypes and strides before it launches.
 
   store_kv           k, v [tokens, kv_heads, dim] -> cache[token_slot, position]
@@ -26,20 +27,22 @@ LOG2E = 1.4426950408889634
 
 # ----- addressing ---------------------------------------------------------------------------------
 @triton.jit
-def _token_offsets(n, n_mask, row, c_slot, c_pos, block_table, bt_row, PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """Element offsets of tokens n of a row: slot * c_slot + n * c_pos (vTensor), or through the
-    block table (paged). int64: a slot's offset passes 2**31 elements in big caches."""
+def _token_offsets(n, n_mask, row, c_slot, c_block, c_pos, block_table, bt_row, PAGED: tl.constexpr,
+                   PAGE: tl.constexpr):
+    """Element offsets of tokens n of a row: slot * c_slot + (n // PAGE) * c_block + (n % PAGE) *
+    c_pos on a vTensor (PAGE 1 for [slot, pos] caches: n * c_block), or through the block table
+    (paged, c_slot the block stride). int64: a slot's offset passes 2**31 elements in big caches."""
     if PAGED:
         blk = tl.load(block_table + row * bt_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
         return blk * c_slot + (n % PAGE).to(tl.int64) * c_pos
     else:
-        return row * c_slot + n.to(tl.int64) * c_pos
+        return row * c_slot + (n // PAGE).to(tl.int64) * c_block + (n % PAGE).to(tl.int64) * c_pos
 
 
 # ----- store ------------------------------------------------------------------------------------
 @triton.jit
 def _store_kv_kernel(k, v, k_cache, v_cache, token_slots, positions, block_table, bt_row,
-                     k_tok, k_head, v_tok, v_head, c_slot, c_pos, c_head,
+                     k_tok, k_head, v_tok, v_head, c_slot, c_block, c_pos, c_head,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
@@ -47,7 +50,7 @@ def _store_kv_kernel(k, v, k_cache, v_cache, token_slots, positions, block_table
     pos = tl.load(positions + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     mask = d < HEAD_DIM
-    dst = _token_offsets(pos, True, slot, c_slot, c_pos, block_table, bt_row, PAGED, PAGE) + h * c_head + d
+    dst = _token_offsets(pos, True, slot, c_slot, c_block, c_pos, block_table, bt_row, PAGED, PAGE) + h * c_head + d
     tl.store(k_cache + dst, tl.load(k + t * k_tok + h * k_head + d, mask=mask), mask=mask)
     tl.store(v_cache + dst, tl.load(v + t * v_tok + h * v_head + d, mask=mask), mask=mask)
 
@@ -58,19 +61,26 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def _paging(block_table: torch.Tensor | None, k_cache: torch.Tensor) -> tuple:
-    """(block_table or a dummy pointer, its row stride, PAGED, page size) for a launch."""
-    if block_table is None:
-        return k_cache, 0, False, 1
-    if block_table.dim() != 2 or block_table.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"block_table must be a 2-D int tensor, got {tuple(block_table.shape)} {block_table.dtype}")
-    return block_table, block_table.stride(0), True, k_cache.shape[1]
+def _geometry(block_table: torch.Tensor | None, k_cache: torch.Tensor) -> tuple:
+    """(block table or a dummy pointer, its row stride, PAGED, PAGE, c_slot, c_block, c_pos, c_head)
+    for a launch: how a token's element offset is found in this cache."""
+    if block_table is not None:
+        if block_table.dim() != 2 or block_table.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"block_table must be a 2-D int tensor, got {tuple(block_table.shape)} {block_table.dtype}")
+        if k_cache.dim() != 4:
+            raise ValueError(f"a paged cache is [blocks, block_tokens, kv_heads, dim], got {tuple(k_cache.shape)}")
+        st = k_cache.stride()
+        return block_table, block_table.stride(0), True, k_cache.shape[1], st[0], 0, st[1], st[2]
+    st = k_cache.stride()
+    if k_cache.dim() == 5:  # page-major: [slot, page, pos_in_page, kv_head, dim]
+        return k_cache, 0, False, k_cache.shape[2], st[0], st[1], st[2], st[3]
+    return k_cache, 0, False, 1, st[0], st[1], 0, st[2]
 
 
 def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"KV caches must be [slots, max_len, kv_heads, dim] and alike, got {tuple(k_cache.shape)}, "
-                         f"{tuple(v_cache.shape)}")
+    if k_cache.dim() not in (4, 5) or k_cache.shape != v_cache.shape:
+        raise ValueError(f"KV caches must be [slots, max_len, kv_heads, dim] or [slots, pages, page_tokens, kv_heads, "
+                         f"dim] and alike, got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError(f"K and V caches need the same strides with a contiguous last dim, got {k_cache.stride()}, "
                          f"{v_cache.stride()}")
@@ -82,9 +92,9 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              token_slots: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor | None = None) -> None:
     """token_slots are slot ids, or block-table rows when block_table is given (paged)."""
     check_cache(k_cache, v_cache)
-    bt, bt_row, paged, page = _paging(block_table, k_cache)
+    bt, bt_row, paged, page, c_slot, c_block, c_pos, c_head = _geometry(block_table, k_cache)
     T, kvh, d = k.shape
-    if v.shape != k.shape or (kvh, d) != tuple(k_cache.shape[2:]):
+    if v.shape != k.shape or (kvh, d) != tuple(k_cache.shape[-2:]):
         raise ValueError(f"k, v {tuple(k.shape)}, {tuple(v.shape)} do not fit caches {tuple(k_cache.shape)}")
     if k.stride(-1) != 1 or v.stride(-1) != 1 or k.dtype != k_cache.dtype or v.dtype != k_cache.dtype:
         raise ValueError("k and v need a contiguous last dim and the caches' dtype")
@@ -94,21 +104,21 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         return
     _store_kv_kernel[(T, kvh)](
         k, v, k_cache, v_cache, token_slots, positions, bt, bt_row, k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HEAD_DIM=d,
+        v.stride(1), c_slot, c_block, c_pos, c_head, HEAD_DIM=d,
         BLOCK_D=triton.next_power_of_2(d), PAGED=paged, PAGE=page)
 
 
 # ----- attention over cached keys (decode and extend share it) ---------------------------------
 @triton.jit
-def _attend_tiles(acc, m_i, l_i, qv, q_pos, k_cache, v_cache, slot, kv_head, n_start, n_stop, c_slot, c_pos, c_head,
-                  block_table, bt_row, d, d_mask, scale, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+def _attend_tiles(acc, m_i, l_i, qv, q_pos, k_cache, v_cache, slot, kv_head, n_start, n_stop, c_slot, c_block, c_pos,
+                  c_head, block_table, bt_row, d, d_mask, scale, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
                   PAGED: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over keys [n_start, n_stop), rows of qv against tiles of BLOCK_N keys. MASK: 0
     none (the range is whole tiles), 1 keys past n_stop, 2 those and keys past each row's q_pos."""
     for n0 in range(n_start, n_stop, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < n_stop
-        tok = _token_offsets(n, n_mask, slot, c_slot, c_pos, block_table, bt_row, PAGED, PAGE)
+        tok = _token_offsets(n, n_mask, slot, c_slot, c_block, c_pos, block_table, bt_row, PAGED, PAGE)
         offs = tok[:, None] + kv_head * c_head + d[None, :]
         kt = tl.load(k_cache + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         s = tl.dot(qv, tl.trans(kt), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
@@ -129,7 +139,7 @@ def _attend_tiles(acc, m_i, l_i, qv, q_pos, k_cache, v_cache, slot, kv_head, n_s
 # ----- decode -----------------------------------------------------------------------------------
 @triton.jit
 def _decode_split_kernel(q, k_cache, v_cache, slot_ids, context_lens, part_out, part_lse, block_table, bt_row,
-                         q_tok, q_head, c_slot, c_pos, c_head, po_seq, po_head, po_split, pl_seq, pl_head,
+                         q_tok, q_head, c_slot, c_block, c_pos, c_head, po_seq, po_head, po_split, pl_seq, pl_head,
                          sm_scale, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          PAGED: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr):
@@ -155,8 +165,9 @@ def _decode_split_kernel(q, k_cache, v_cache, slot_ids, context_lens, part_out, 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, qv, g, k_cache, v_cache, slot, kv_head, start, end, c_slot, c_pos,
-                                  c_head, block_table, bt_row, d, d_mask, scale, 1, BLOCK_N, PAGED, PAGE, PRECISION)
+    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, qv, g, k_cache, v_cache, slot, kv_head, start, end, c_slot, c_block,
+                                  c_pos, c_head, block_table, bt_row, d, d_mask, scale, 1, BLOCK_N, PAGED, PAGE,
+                                  PRECISION)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))  # log2 units
@@ -198,10 +209,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """q [batch, heads, dim] (one token per sequence) -> [batch, heads, dim]. Reads only each slot's
     first context_lens[b] positions. num_splits is fixed by the caller (a CUDA graph keeps its grid)."""
     check_cache(k_cache, v_cache)
-    bt, bt_row, paged, page = _paging(block_table, k_cache)
+    bt, bt_row, paged, page, c_slot, c_block, c_pos, c_head = _geometry(block_table, k_cache)
     B, H, D = q.shape
-    KVH = k_cache.shape[2]
-    if D != k_cache.shape[3] or H % KVH or q.stride(-1) != 1 or q.dtype != k_cache.dtype:
+    KVH = k_cache.shape[-2]
+    if D != k_cache.shape[-1] or H % KVH or q.stride(-1) != 1 or q.dtype != k_cache.dtype:
         raise ValueError(f"q {tuple(q.shape)} {q.dtype} does not fit caches {tuple(k_cache.shape)} {k_cache.dtype}")
     if slot_ids.shape != (B,) or context_lens.shape != (B,):
         raise ValueError(f"slot_ids and context_lens must be [{B}]")
@@ -213,7 +224,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_d = triton.next_power_of_2(D)
     _decode_split_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, slot_ids, context_lens, part_out, part_lse, bt, bt_row,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q.stride(0), q.stride(1), c_slot, c_block, c_pos, c_head,
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         D ** -0.5, NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n, PAGED=paged, PAGE=page, PRECISION=_precision(q), num_warps=4,
@@ -234,7 +245,7 @@ def decode_scratch(batch: int, heads: int, dim: int, num_splits: int, device) ->
 # ----- extend (prefill) ---------------------------------------------------------------------------
 @triton.jit
 def _extend_kernel(q, k_cache, v_cache, out, slot_ids, query_start, query_lens, context_lens, block_table, bt_row,
-                   q_tok, q_head, o_tok, o_head, c_slot, c_pos, c_head, sm_scale,
+                   q_tok, q_head, o_tok, o_head, c_slot, c_block, c_pos, c_head, sm_scale,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
                    PRECISION: tl.constexpr):
@@ -267,12 +278,12 @@ def _extend_kernel(q, k_cache, v_cache, out, slot_ids, query_start, query_lens, 
     # the rest, up to its last query, get the causal mask
     last = tl.minimum(prefix + (mblock + 1) * BLOCK_M, ctx)
     full = (prefix + mblock * BLOCK_M) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, qv, q_pos, k_cache, v_cache, slot, kv_head, 0, full, c_slot, c_pos,
-                                  c_head, block_table, bt_row, d, d_mask, scale, 0, BLOCK_N, PAGED, PAGE,
+    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, qv, q_pos, k_cache, v_cache, slot, kv_head, 0, full, c_slot, c_block,
+                                  c_pos, c_head, block_table, bt_row, d, d_mask, scale, 0, BLOCK_N, PAGED, PAGE,
                                   PRECISION)
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, qv, q_pos, k_cache, v_cache, slot, kv_head, full, last, c_slot, c_pos,
-                                  c_head, block_table, bt_row, d, d_mask, scale, 2, BLOCK_N, PAGED, PAGE,
-                                  PRECISION)
+    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, qv, q_pos, k_cache, v_cache, slot, kv_head, full, last, c_slot,
+                                  c_block, c_pos, c_head, block_table, bt_row, d, d_mask, scale, 2, BLOCK_N, PAGED,
+                                  PAGE, PRECISION)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out + q_rows[:, None] * o_tok + h * o_head + d[None, :], o.to(out.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
@@ -286,11 +297,11 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """q [tokens, heads, dim] for all sequences back to back -> [tokens, heads, dim]. The new
     tokens' K and V must already be in the caches (store_kv first)."""
     check_cache(k_cache, v_cache)
-    bt, bt_row, paged, page = _paging(block_table, k_cache)
+    bt, bt_row, paged, page, c_slot, c_block, c_pos, c_head = _geometry(block_table, k_cache)
     T, H, D = q.shape
-    KVH = k_cache.shape[2]
+    KVH = k_cache.shape[-2]
     B = slot_ids.shape[0]
-    if D != k_cache.shape[3] or H % KVH or q.stride(-1) != 1 or q.dtype != k_cache.dtype:
+    if D != k_cache.shape[-1] or H % KVH or q.stride(-1) != 1 or q.dtype != k_cache.dtype:
         raise ValueError(f"q {tuple(q.shape)} {q.dtype} does not fit caches {tuple(k_cache.shape)} {k_cache.dtype}")
     if query_start.shape != (B + 1,) or query_lens.shape != (B,) or context_lens.shape != (B,):
         raise ValueError(f"query_start must be [{B + 1}], query_lens and context_lens [{B}]")
@@ -301,7 +312,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     grid = (triton.cdiv(max_query_len, block_m), B, H)
     _extend_kernel[grid](
         q, k_cache, v_cache, out, slot_ids, query_start, query_lens, context_lens, bt, bt_row, q.stride(0),
-        q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q.stride(1), out.stride(0), out.stride(1), c_slot, c_block, c_pos, c_head,
         D ** -0.5, GROUP=H // KVH, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m,
         BLOCK_N=block_n, PAGED=paged, PAGE=page, PRECISION=_precision(q),
         num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages,

@@ -23,6 +23,7 @@ ANCHOR = "(anchor: padding for CUDA graphs)"
 
 class KVLayout(str, Enum):
     TOKEN_MAJOR = "token-major"
+    PAGE_MAJOR = "page-major"
     PER_LAYER = "per-layer"
     PAGED = "paged"  # the block-table baseline
 
@@ -37,6 +38,7 @@ class Slot:
     owner: str | None = None  # request id while a request runs in it
     tokens: list[int] = field(default_factory=list)  # tokens whose KV the slot holds while idle
     keys: list[int] = field(default_factory=list)  # chain keys of its blocks in the prefix index
+    last_step: int = -1  # the last step whose kernels touch the slot
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,13 @@ Every slot is one contiguous virtual range per vTensor, of room for max_model_le
   a page holds whole tokens' KV         a page holds many tokens of one layer
   of every layer                        (waste: up to one page per layer, K and V)
 
-Kernels see `k_cache(layer)[slot, pos, kv_head, dim]`: a strided view either way. A slot's mapped
+  page-major (one vTensor; a page holds T whole tokens, as token-major)
+  slot s: [pages, layers, 2, T, kvh, d]
+  |page0: L0K(tok0..T-1) L0V(tok0..T-1) L1K(...) ... |page1: ...|
+  one layer's K of a page's tokens lie together, as in a paged block: kernels read runs, not rows
+
+Kernels see `k_cache(layer)[slot, pos, kv_head, dim]` (page-major: `[slot, page, pos_in_page,
+kv_head, dim]`): a strided view either way, no block table. A slot's mapped
 blocks are always a prefix of its range (PageBooks). Slot 0 is the anchor: one block mapped for the
 engine's whole life, the base address Triton's launcher asks the driver about, and the slot CUDA
 graphs pad their batches with.
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import torch
 
@@ -66,9 +72,13 @@ class VTensorKVCache(KVCache):
         self.num_slots = num_slots + 1  # slot 0 is the anchor; requests get slots 1..num_slots
         L, kvh, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
         ps = pool.page_size
-        if self.layout is KVLayout.TOKEN_MAJOR:
+        if self.layout in (KVLayout.TOKEN_MAJOR, KVLayout.PAGE_MAJOR):
             self.bytes_per_token = L * 2 * kvh * d * dtype.itemsize  # in its one vTensor
             names = ["kv"]
+            if self.layout is KVLayout.PAGE_MAJOR and ps % self.bytes_per_token:
+                raise ValueError(f"the page-major layout needs pages that hold whole tokens: {ps}-byte pages and "
+                                 f"{self.bytes_per_token}-byte tokens do not; use another page size or the "
+                                 f"token-major layout")
         else:
             self.bytes_per_token = kvh * d * dtype.itemsize  # in each of its vTensors
             names = [f"L{i}.{kv}" for i in range(L) for kv in "KV"]
@@ -81,7 +91,8 @@ class VTensorKVCache(KVCache):
         self.block_table = None  # kernels address slots directly
         self.books = PageBooks(pool, self.vtensors, self.blocks_per_slot, self.num_slots)
         self.idle: OrderedDict[int, float] = OrderedDict((i, 0.0) for i in range(1, self.num_slots))  # LRU first
-        self.step_event: torch.cuda.Event | None = None  # the last launched step: unmaps wait for it
+        self.steps = 0  # steps begun
+        self._in_flight: deque[tuple[int, torch.cuda.Event]] = deque()  # launched steps not known complete
         self.prepared: dict[str, int | None] = {}  # request id -> idle slot mapped ahead for it (None: a hit)
         self.reclaimed_pages = 0
         one_request = self.blocks_for(max_model_len) * self.pages_per_block
@@ -114,11 +125,16 @@ class VTensorKVCache(KVCache):
         isz = self.dtype.itemsize
         stride = self.slot_stride // isz  # elements between slots
         views = []
+        P, T_page = self.blocks_per_slot, self.tokens_per_block()
         for layer in range(L):
             if self.layout is KVLayout.TOKEN_MAJOR:  # [S, T, kvh, d] inside [S, T, layers, 2, kvh, d]
                 tok = L * 2 * kvh * d
                 k, v = (self.vtensors[0].view(self.dtype, (S, T, kvh, d), (stride, tok, d, 1),
                                               offset=(layer * 2 + kv) * kvh * d * isz) for kv in (0, 1))
+            elif self.layout is KVLayout.PAGE_MAJOR:  # [S, P, T_page, kvh, d] inside [S, P, layers, 2, T_page, kvh, d]
+                page = self.pool.page_size // isz
+                k, v = (self.vtensors[0].view(self.dtype, (S, P, T_page, kvh, d), (stride, page, kvh * d, d, 1),
+                                              offset=(layer * 2 + kv) * T_page * kvh * d * isz) for kv in (0, 1))
             else:
                 k, v = (self.vtensors[2 * layer + kv].view(self.dtype, (S, T, kvh, d), (stride, kvh * d, d, 1))
                         for kv in (0, 1))
@@ -126,6 +142,7 @@ class VTensorKVCache(KVCache):
         return views
 
     def k_cache(self, layer: int) -> torch.Tensor:
+        """[slots, max_model_len, kv_heads, dim]; page-major [slots, pages, page_tokens, kv_heads, dim]."""
         return self._views[layer][0]
 
     def v_cache(self, layer: int) -> torch.Tensor:
@@ -159,7 +176,7 @@ class VTensorKVCache(KVCache):
         slot.owner = req.request_id
         if found and not own:  # alias the cached blocks into this slot from their holders
             self.prefix.remove(slot.index, slot.keys, 0)
-            self.books.alias_front(slot.index, [min(e.holders) for e in found], self.step_event)
+            self.books.alias_front(slot.index, [min(e.holders) for e in found], self._unmap_after(slot))
             slot.keys = [e.key for e in found]
             self.prefix.add(slot.index, slot.keys, ids, 0, len(found))
         cached = self._make_writable(slot, cached)
@@ -178,7 +195,7 @@ class VTensorKVCache(KVCache):
         start = cached // T
         shared = self.books.first_shared(slot.index, start)
         if shared is not None:
-            self.books.truncate(slot.index, shared, self.step_event)
+            self.books.truncate(slot.index, shared, self._unmap_after(slot))
             if shared == start:
                 cached = start * T
         if self.prefix is not None:
@@ -241,7 +258,7 @@ class VTensorKVCache(KVCache):
         if self.prefix is not None:
             self.prefix.remove(slot.index, slot.keys, 0)
         slot.tokens = []
-        self.books.truncate(slot.index, 0, self.step_event)
+        self.books.truncate(slot.index, 0, self._unmap_after(slot))
 
     def release(self, req) -> None:
         self.prepared.pop(req.request_id, None)
@@ -266,16 +283,27 @@ class VTensorKVCache(KVCache):
             self.prefix.add(slot.index, slot.keys, tokens, start, full)
 
     # ----- a step -----------------------------------------------------------------------------
+    def _unmap_after(self, slot: Slot) -> torch.cuda.Event | None:
+        """What an unmap of the slot's pages must wait for: the event of the last step whose kernels
+        touch the slot, unless that step is known complete (then nothing: most reclaimed slots have
+        been idle for many steps)."""
+        while self._in_flight and self._in_flight[0][1].query():
+            self._in_flight.popleft()
+        return next((event for step, event in self._in_flight if step >= slot.last_step), None)
+
     def begin_step(self, batch) -> None:
         self.books.poll()
+        self.steps += 1
         for req in batch.requests:
+            req.slot.last_step = self.steps
             self.books.wait_ready(req.slot.index, self.blocks_for(req.num_computed_tokens))
 
     def end_step(self, batch, event: torch.cuda.Event | None) -> None:
-        """Remembers the step's event (later unmaps wait for it), indexes the prompt blocks the step
+        """Remembers the step's event (unmaps of the slots it touches wait for it), indexes the prompt blocks the step
         computed (so requests admitted next step can share them), and maps ahead on the worker the
         blocks the running requests' next tokens will need, as far as free pages allow."""
-        self.step_event = event
+        if event is not None:
+            self._in_flight.append((self.steps, event))
         free = self.books.free_pages()
         wanted = []
         for req in batch.requests:
