@@ -63,15 +63,15 @@ def test_kernels_read_exactly_the_mapped_context(layout, batch, ctx):
         return cache[s, :-(-ctx // cache.shape[2])].flatten(0, 1)[:ctx] if cache.dim() == 5 else cache[s, :ctx]
 
     for s in slots.tolist():
-        for cache in (k, v):
+        for view in (k, v):
             data = torch.randn(ctx, KVH, D, dtype=torch.bfloat16, device="cuda")
-            if cache.dim() == 5:
-                pages = -(-ctx // cache.shape[2])
-                for p in range(pages):
-                    n = min(cache.shape[2], ctx - p * cache.shape[2])
-                    cache[s, p, :n] = data[p * cache.shape[2]:p * cache.shape[2] + n]
+            if view.dim() == 5:  # page by page: a slice past the mapped pages would fault
+                page = view.shape[2]
+                for p in range(-(-ctx // page)):
+                    n = min(page, ctx - p * page)
+                    view[s, p, :n] = data[p * page:p * page + n]
             else:
-                cache[s, :ctx] = data
+                view[s, :ctx] = data
     lens = torch.full((batch,), ctx, device="cuda")
     q = torch.randn(batch, H, D, dtype=torch.bfloat16, device="cuda")
     splits = max(1, min(16, -(-264 // (batch * KVH))))
