@@ -259,13 +259,13 @@ def serve(
     kv_max = O.parse_memory(kv_max_memory, "--kv-max-memory")
     try:
         loopback = is_loopback(host)
+        if not loopback and not api_key:
+            err_console.print(f"[yellow]warning:[/yellow] {host} is reachable from other machines and there is no "
+                              f"--api-key: anyone who reaches it can generate (/v1/memory/limit is refused). Set "
+                              f"--api-key or GLAKE_API_KEY.")
         sock = bind(host, port)
     except ValueError as e:
         fail(str(e))
-    if not loopback and not api_key:
-        err_console.print(f"[yellow]warning:[/yellow] {host} is reachable from other machines and there is no "
-                          f"--api-key: anyone who reaches it can generate (/v1/memory/limit is refused). Set "
-                          f"--api-key or GLAKE_API_KEY.")
     try:
         llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens,
                                          kv_cache_memory, load_format, kv_layout, seed),
