@@ -94,7 +94,8 @@ async def soak(server: Server, seconds: float, streaming: int, plain: int, seed:
         chat = rng.random() < 0.5
         body = { "max_tokens": rng.randint(2, max_tokens), "temperature": 0.8, "stream": stream}
         if chat:
-            path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": f"Count to {rng.randint(3, 99)}"}]
+            path = "/v1/chat/completions"
+            body["messages"] = [{"role": "user", "content": f"Count to {rng.randint(3, 99)}"}]
         else:
             path, body["prompt"] = "/v1/completions", f"Story number {rng.randint(0, 10**6)}:"
         hang_up = rng.random() < 0.3

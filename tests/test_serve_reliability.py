@@ -106,8 +106,9 @@ nasty = st.sampled_from([
 deep = st.integers(50, 20000).flatmap(lambda n: st.sampled_from([Raw("[" * n + "]" * n),
                                                                  Raw('{"a":' * n + "1" + "}" * n)]))
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | nasty
-anything = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
-                        max_leaves=6) | deep
+anything = st.recursive(
+    scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=6
+) | deep
 
 
 def _counts_as_long(v) -> bool:  # a valid max_tokens above 4 (or none: the default) would make a long generation
@@ -123,7 +124,8 @@ text = st.text(max_size=30)
 VALID = {  # every field with a value the server accepts (max_tokens small: each generation is short)
     "model": st.just(MODEL), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "top_k": st.integers(-1, 100),
     "min_p": st.floats(0, 1), "seed": st.integers(0, 2**63 - 1), "n": st.just(1),
-    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2), "repetition_penalty": st.floats(0.5, 2),
+    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 2),
     "min_tokens": st.integers(0, 1), "stop": text.filter(bool) | st.lists(text.filter(bool), max_size=2),
     "stop_token_ids": st.lists(st.integers(0, 49151), max_size=3), "ignore_eos": st.booleans(),
     "skip_special_tokens": st.booleans(), "include_stop_str_in_output": st.booleans(), "stream": st.booleans(),
@@ -330,7 +332,8 @@ def idle_pool(server: Server, timeout: float = 60) -> dict:
         pages = snap["engine"]["kv_pages"]
         if pages["requests"] == pages["cached"] == pages["free"] == 0 and snap["engine"]["running"] == 0:
             return {"pool": {k: snap["pool"][k] for k in ("total_pages", "used_pages", "free_pages")},
-                    "kv_pages": pages, "owned_slots": [s["slot"] for s in snap["slots"] if s["owner"] and not s["internal"]]}
+                    "kv_pages": pages,
+                    "owned_slots": [s["slot"] for s in snap["slots"] if s["owner"] and not s["internal"]]}
         assert time.monotonic() < deadline, f"the pool never went idle: {pages}"
         time.sleep(0.2)
 

@@ -100,6 +100,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         body = P.parse_body(await request.body())
         P.check_fields(body, fields, endpoint)
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, f"model must be a string, got {P.short(model)}", param="model")
         if model is not None and model != name:
             shown = f"`{model}`" if isinstance(model, str) and len(model) <= 200 else P.short(model)
             raise ApiError(404, f"The model {shown} does not exist. This server serves `{name}`.", param="model")
@@ -178,7 +180,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                     last = out
                     reason = P.finish_reason(out)
                     if out.delta_text or reason:
-                        yield sse(P.chat_chunk(rid, name, {"content": out.delta_text} if out.delta_text else {}, reason))
+                        delta = {"content": out.delta_text} if out.delta_text else {}
+                        yield sse(P.chat_chunk(rid, name, delta, reason))
             except Exception as e:  # the client gets an error event and the stream's end
                 yield stream_error(request.scope[REQUEST_ID], e)
             if include_usage and last is not None:

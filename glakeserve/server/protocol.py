@@ -160,6 +160,8 @@ def sampling_params(body: dict, default_max_tokens: int | None, vocab_size: int)
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise ApiError(400, f"stop must be a string or a list of strings, got {short(stop)}", param="stop")
+        for i, s in enumerate(stop):
+            check_text(s, f"stop[{i}]", "stop")
         kwargs["stop"] = stop
     if body.get("stop_token_ids") is not None:
         ids = body["stop_token_ids"]
