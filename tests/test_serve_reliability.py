@@ -315,6 +315,27 @@ def test_limit_endpoint_refused_beyond_loopback_without_a_key():
         app.state.close()
 
 
+def test_a_bug_is_a_500_in_openai_shape_logged_once_with_its_request_id(capsys):
+    from starlette.testclient import TestClient
+
+    from glakeserve.server.api import ServerConfig, build_app
+
+    def broken_call(fn):
+        raise RuntimeError("a bug in the stats")
+
+    model = SimpleNamespace(tokenizer=None, max_model_len=64, model_config=SimpleNamespace(vocab_size=100),
+                            device="cpu")
+    engine = SimpleNamespace(engine=model, dead=None, num_requests=0, call=broken_call)
+    app = build_app(engine, ServerConfig(served_model_name="m"))
+    r = TestClient(app, raise_server_exceptions=False).get("/metrics")
+    rid = r.headers["x-request-id"]
+    assert r.status_code == 500 and r.json()["error"]["code"] == 500 and rid in r.json()["error"]["message"]
+    log = capsys.readouterr().err
+    assert log.count("internal error in request") == 1 and f"request {rid} (GET /metrics)" in log
+    assert "RuntimeError: a bug in the stats" in log
+    app.state.close()
+
+
 def test_metrics_split_pages_by_holder(server, api):
     assert api.post("/v1/completions", json={"prompt": "A long story: " * 20, "max_tokens": 4}).status_code == 200
     m = wait_idle(server)
