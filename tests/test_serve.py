@@ -130,7 +130,7 @@ def test_bad_requests_get_openai_errors(client, server):
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
     r = httpx.post(server + "/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
-    assert r.status_code == 400 and r.json()["error"]["message"] == "the request body is not valid JSON"
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("the request body is not valid JSON")
     # the server still serves
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).usage.completion_tokens == 2
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -217,34 +218,76 @@ def serve(
     max_num_seqs: O.MaxNumSeqs = None, max_num_batched_tokens: O.MaxBatchedTokens = None,
     kv_cache_memory: O.KVMemory = None, load_format: O.LoadFormat = "auto", kv_layout: O.KVLayout = "token-major",
     seed: O.Seed = 0,
-    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option(envvar="GLAKE_API_KEY",
-                                                   help="Require 'Authorization: Bearer KEY' on /v1/.")] = None,
+    host: Annotated[str, typer.Option(
+        help="Address to bind: 127.0.0.1 (the default) is this machine only; 0.0.0.0 every interface.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port (1-65535).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="GLAKE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/ (/health and /metrics stay "
+                                     "open, as in vLLM).")] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="The model name clients use.")] = None,
     kv_max_memory: O.KVMaxMemory = None,
     kv_idle_release: Annotated[float, typer.Option(
         help="Seconds with no request after which free KV pages go back to the device (0: never).")] = 60.0,
     no_prefix_caching: O.NoPrefixCaching = False,
+    request_timeout: Annotated[Optional[float], typer.Option(
+        help="Seconds a request may take, queueing included; then it ends with finish_reason \"timeout\" and "
+             "what it generated (default: no limit).")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(
+        min=0, help="On SIGTERM or Ctrl-C: seconds running requests get to finish; then they end with "
+                    "finish_reason \"shutdown\". A second signal exits at once.")] = 30.0,
+    max_body_size: Annotated[str, typer.Option(help="Largest request body (e.g. 4MiB); larger ones get 413.")]
+    = "4MiB",
+    max_queued_prompt_chars: Annotated[int, typer.Option(
+        min=1, help="Prompt characters waiting for the tokenizer, all requests together; a request beyond gets "
+                    "429 (retry later).")] = 16_000_000,
 ) -> None:
     """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health,
-    /metrics and /v1/memory."""
+    /metrics and /v1/memory. A client that disconnects ends its request; SIGTERM drains it gracefully."""
     import uvicorn
 
-    from glakeserve.server.api import build_app
+    from glakeserve.server.api import ServerConfig, build_app
     from glakeserve.server.async_engine import AsyncEngine
+    from glakeserve.server.lifecycle import GracefulServer, bind, is_loopback, say
 
-    llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens,
-                                     kv_cache_memory, load_format, kv_layout, seed),
-                   kv_cache_max_memory=O.parse_memory(kv_max_memory), enable_prefix_caching=not no_prefix_caching)
+    # every argument is checked, and the port bound, before the model loads
+    if request_timeout is not None and request_timeout <= 0:
+        fail(f"--request-timeout takes a positive number of seconds, got {request_timeout:g}")
+    body_limit = O.parse_memory(max_body_size, "--max-body-size")
+    if body_limit < 1024:
+        fail(f"--max-body-size takes bytes like 4MiB (at least 1KiB), got {max_body_size!r}")
+    kv_max = O.parse_memory(kv_max_memory, "--kv-max-memory")
+    try:
+        loopback = is_loopback(host)
+        if not loopback and not api_key:
+            err_console.print(f"[yellow]warning:[/yellow] {host} is reachable from other machines and there is no "
+                              f"--api-key: anyone who reaches it can generate (/v1/memory/limit is refused). Set "
+                              f"--api-key or GLAKE_API_KEY.")
+        sock = bind(host, port)
+    except ValueError as e:
+        fail(str(e))
+    try:
+        llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens,
+                                         kv_cache_memory, load_format, kv_layout, seed),
+                       kv_cache_max_memory=kv_max, enable_prefix_caching=not no_prefix_caching)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
     engine = AsyncEngine(llm.engine, idle_release_s=kv_idle_release)
     name = served_model_name or llm.engine.model_name
-    console.print(f"[bold]glake serve[/bold] · {name} on http://{host}:{port} "
+    api = build_app(engine, ServerConfig(served_model_name=name, api_key=api_key, max_body_size=int(body_limit),
+                                         request_timeout=request_timeout,
+                                         max_queued_prompt_chars=max_queued_prompt_chars, loopback_only=loopback))
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"[bold]glake serve[/bold] · {name} on http://{shown}:{port} "
                   f"({'API key required' if api_key else 'no API key'})")
+    server = GracefulServer(uvicorn.Config(api, log_level="warning"), api.state, shutdown_timeout)
     try:
-        uvicorn.run(build_app(engine, name, api_key), host=host, port=port, log_level="warning")
+        server.run(sockets=[sock])
     finally:
+        api.state.close()
         engine.shutdown()
+    if server.signalled_at is not None:
+        say(f"stopped {time.monotonic() - server.signalled_at:.1f}s after the signal")
 
 
 def main() -> None:

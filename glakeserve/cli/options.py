@@ -29,17 +29,17 @@ UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, 
          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
 
 
-def parse_memory(text: str | None) -> float | None:
+def parse_memory(text: str | None, option: str = "--kv-cache-memory") -> float | None:
     """'2GiB' -> bytes; '0.5' -> a fraction of free memory; None -> the default."""
     if text is None:
         return None
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in UNITS:
         raise typer.BadParameter(f"{text!r}: give bytes like 2GiB or 512MiB, or a fraction like 0.5",
-                                 param_hint="--kv-cache-memory")
+                                 param_hint=option)
     value = float(m.group(1)) * UNITS[m.group(2).lower()]
     if value <= 0:
-        raise typer.BadParameter("must be positive", param_hint="--kv-cache-memory")
+        raise typer.BadParameter("must be positive", param_hint=option)
     return value
 
 

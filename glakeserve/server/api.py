@@ -1,155 +1,222 @@
 """The HTTP API: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, plus /health,
-/metrics (Prometheus) and /v1/memory (what `glake inspect-memory --url` shows)."""
+/metrics (Prometheus) and /v1/memory (what `glake inspect-memory --url` shows).
+
+A request goes: Guard (key, refusals, size) -> body (JSON, checked fields) -> the tokenizer thread
+-> the engine thread. A request ends when it finishes, when its client goes away (aborted before
+the next step, streaming or not), when its deadline passes (finish_reason "timeout"), or when the
+server shuts down (finish_reason "shutdown")."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
+from glakeserve.request import RequestOutput
 from glakeserve.server import protocol as P
 from glakeserve.server.async_engine import AsyncEngine, EngineDeadError
+from glakeserve.server.metrics import prometheus
+from glakeserve.server.middleware import REQUEST_ID, Guard, log_internal_error
+from glakeserve.server.prompts import PromptEncoder
 from glakeserve.server.protocol import ApiError
 
 
-def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="GlakeServe", docs_url=None, redoc_url=None)
-    tokenizer = engine.engine.tokenizer
+@dataclass(frozen=True)
+class ServerConfig:
+    served_model_name: str
+    api_key: str | None = None
+    max_body_size: int = 4 << 20  # bytes of a request body; beyond: 413
+    request_timeout: float | None = None  # seconds a request may take; then finish_reason "timeout"
+    max_queued_prompt_chars: int = 16 << 20  # prompt characters waiting for the tokenizer; beyond: 429
+    loopback_only: bool = True  # bound to this machine only: /v1/memory/limit may go without a key
+
+
+class ServerState:
+    """What the app shares with its Guard and with the shutdown sequence."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig):
+        self.engine, self.config = engine, config
+        self.draining = False  # set on the first SIGTERM/SIGINT: no new requests
+        self.close = lambda: None  # stops the tokenizer thread
+
+
+class ApiJSONResponse(JSONResponse):
+    def render(self, content) -> bytes:  # ascii: a client's lone surrogate echoed in a message still encodes
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _error(e: ApiError) -> ApiJSONResponse:
+    return ApiJSONResponse(e.body(), status_code=e.status)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
+    """The ASGI app to serve: the Guard around FastAPI's app (outermost, so that its refusals are
+    what the client sees). Its .state is the ServerState."""
+    app = FastAPI(title="GlakeServe", docs_url=None, redoc_url=None, openapi_url=None,
+                  max_body_size=config.max_body_size)  # counts bodies sent without Content-Length
+    state = ServerState(engine, config)
+    encoder = PromptEncoder(engine.engine, config.max_queued_prompt_chars)
+    state.close = encoder.close
+    vocab = engine.engine.model_config.vocab_size
+    name = config.served_model_name
     started = int(time.time())
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return _error(e)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        if api_key and path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return JSONResponse(ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                             "authentication_error").body(), status_code=401)
-        if engine.dead and path.startswith("/v1/") and request.method == "POST":
-            return JSONResponse(ApiError(503, "the engine has failed; restart the server", "service_unavailable")
-                                .body(), status_code=503)
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, _: Exception):  # Starlette re-raises it: the Guard logs it
+        rid = request.scope.get(REQUEST_ID)
+        return _error(ApiError(500, f"internal server error (request {rid}); the server log has the details"))
 
-    async def read_body(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):  # 404, 405, the body limit's 413
+        if e.status_code == 413:
+            message = f"the request body is larger than this server accepts ({config.max_body_size} bytes, " \
+                      f"--max-body-size)"
+        elif e.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif e.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(e.detail)
+        return ApiJSONResponse(ApiError(e.status_code, message).body(), status_code=e.status_code,
+                               headers=getattr(e, "headers", None))
+
+    # ----- the request path -----------------------------------------------------------------
+    async def read_body(request: Request, fields: set[str], endpoint: str) -> dict:
+        body = P.parse_body(await request.body())
+        P.check_fields(body, fields, endpoint)
         model = body.get("model")
-        if model is not None and model != served_model_name:
-            raise ApiError(404, f"The model `{model}` does not exist. This server serves `{served_model_name}`.",
-                           "not_found_error", "model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, f"model must be a string, got {P.short(model)}", param="model")
+        if model is not None and model != name:
+            shown = f"`{model}`" if isinstance(model, str) and len(model) <= 200 else P.short(model)
+            raise ApiError(404, f"The model {shown} does not exist. This server serves `{name}`.", param="model")
         return body
 
-    def validate(prompt, params) -> list[int]:
-        try:
-            return engine.validate(prompt, params)
-        except ValueError as e:
-            raise ApiError(400, str(e), param="messages" if isinstance(prompt, list) else "prompt") from None
+    def start(ids: list[int], params, rid: str, stream: bool) -> AsyncIterator[RequestOutput]:
+        if state.draining:
+            raise ApiError(503, "the server is shutting down and takes no new requests; retry on another instance")
+        return engine.generate(ids, params, rid, stream=stream, timeout=config.request_timeout)
 
-    async def wait_final(request: Request, gen: AsyncIterator) -> object:
-        """Drains a request's outputs; aborts it if the client goes away meanwhile."""
-        task = asyncio.ensure_future(_last(gen))
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if not done and await request.is_disconnected():
-                task.cancel()
-                await gen.aclose()
-                raise ApiError(499, "client disconnected")
+    async def finish_all(request: Request, gens: list) -> list[RequestOutput]:
+        """Each request's last output; if the client goes away first, every one is aborted (their
+        generators' cleanup) before the engine's next step."""
+        tasks = [asyncio.ensure_future(_last(g)) for g in gens]
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            return task.result()
-        except EngineDeadError as e:
-            raise ApiError(503, f"{e}; restart the server", "service_unavailable") from None
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending | {gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone in done:
+                    raise _ClientGone
+                pending.discard(gone)
+                for t in done:
+                    if t.exception() is not None:
+                        raise _engine_error(t.exception())
+            return [t.result() for t in tasks]
+        finally:
+            for t in (*tasks, gone):
+                if not t.done():
+                    t.cancel()
 
     def sse(payload: dict | str) -> str:
         return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+    def stream_error(rid: str, e: Exception) -> str:
+        if isinstance(e, (EngineDeadError, ValueError)):
+            return sse(_engine_error(e).body())
+        log_internal_error(rid, "streaming", e)
+        return sse(ApiError(500, f"internal server error (request {rid}); the server log has the details").body())
 
     # ----- endpoints ------------------------------------------------------------------------
     @app.get("/health")
     async def health():
         if engine.dead:
-            return JSONResponse({"status": "engine failed"}, status_code=503)
+            return ApiJSONResponse({"status": "engine failed"}, status_code=503)
+        if state.draining:
+            return ApiJSONResponse({"status": "shutting down"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": started,
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": started,
                                             "owned_by": "glakeserve", "max_model_len": engine.engine.max_model_len}]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await read_body(request)
-        if tokenizer is None:
-            raise ApiError(400, "this model has no tokenizer, so no chat template; use /v1/completions with token ids")
+        body = await read_body(request, P.CHAT_FIELDS, "/v1/chat/completions")
+        stream, include_usage = P.stream_flags(body)
         messages = P.chat_messages(body)
-        params = P.sampling_params(body, default_max_tokens=None)
-        try:
-            ids = tokenizer.chat_ids(messages)
-        except ValueError as e:
-            raise ApiError(400, str(e), param="messages") from None
-        ids = validate(ids, params)
+        params = P.sampling_params(body, default_max_tokens=None, vocab_size=vocab)
+        ids = await encoder.encode(messages, params, "messages")
         rid = P.new_id("chatcmpl")
-        gen = engine.generate(ids, params, rid, stream=bool(body.get("stream")))
-        model = served_model_name
-        if not body.get("stream"):
-            out = await wait_final(request, gen)
-            return P.chat_response(rid, model, out)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        gen = start(ids, params, rid, stream)
+        if not stream:
+            try:
+                out, = await finish_all(request, [gen])
+            except _ClientGone:
+                return Response(status_code=499)
+            return P.chat_response(rid, name, out)
 
-        async def stream():
-            yield sse(P.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
+        async def chunks():
+            yield sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None))
             last = None
             try:
                 async for out in gen:
                     last = out
                     reason = P.finish_reason(out)
                     if out.delta_text or reason:
-                        yield sse(P.chat_chunk(rid, model, {"content": out.delta_text} if out.delta_text else {},
-                                               reason))
-            except (EngineDeadError, ValueError) as e:
-                yield sse(ApiError(503 if isinstance(e, EngineDeadError) else 400, str(e)).body())
+                        delta = {"content": out.delta_text} if out.delta_text else {}
+                        yield sse(P.chat_chunk(rid, name, delta, reason))
+            except Exception as e:  # the client gets an error event and the stream's end
+                yield stream_error(request.scope[REQUEST_ID], e)
             if include_usage and last is not None:
-                yield sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                yield sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
                            "choices": [], "usage": P.usage(last.num_prompt_tokens, last.num_output_tokens)})
             yield sse("[DONE]")
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(chunks(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_body(request)
+        body = await read_body(request, P.COMPLETION_FIELDS, "/v1/completions")
+        stream, include_usage = P.stream_flags(body)
         prompts = P.completion_prompts(body)
-        params = P.sampling_params(body, default_max_tokens=16)
-        ids = [validate(p, params) for p in prompts]
+        params = P.sampling_params(body, default_max_tokens=16, vocab_size=vocab)
+        ids = [await encoder.encode(p, params, "prompt") for p in prompts]
         rid = P.new_id("cmpl")
-        gens = [engine.generate(i, params, f"{rid}-{n}", stream=bool(body.get("stream"))) for n, i in enumerate(ids)]
-        model = served_model_name
-        if not body.get("stream"):
-            outs = await asyncio.gather(*(wait_final(request, g) for g in gens))
-            return P.completion_response(rid, model, list(outs))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        gens = [start(i, params, f"{rid}-{n}", stream) for n, i in enumerate(ids)]
+        if not stream:
+            try:
+                outs = await finish_all(request, gens)
+            except _ClientGone:
+                return Response(status_code=499)
+            return P.completion_response(rid, name, outs)
 
-        async def stream():
+        async def chunks():
             queue: asyncio.Queue = asyncio.Queue()
 
-            async def pump(index, gen):
+            async def pump(index, gen):  # owns its generator: cancelling it aborts that request
                 try:
                     async for out in gen:
-                        await queue.put((index, out))
+                        queue.put_nowait((index, out))
                 except Exception as e:  # delivered to the client below
-                    await queue.put((index, e))
-                await queue.put((index, None))
+                    queue.put_nowait((index, e))
+                queue.put_nowait((index, None))
 
             tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
             live, prompt_tokens, completion_tokens = len(gens), 0, 0
@@ -159,24 +226,22 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                     if out is None:
                         live -= 1
                     elif isinstance(out, Exception):
-                        yield sse(ApiError(503 if isinstance(out, EngineDeadError) else 400, str(out)).body())
+                        yield stream_error(request.scope[REQUEST_ID], out)
                     else:
                         if out.finished:
                             prompt_tokens += out.num_prompt_tokens
                             completion_tokens += out.num_output_tokens
                         if out.delta_text or out.finished:
-                            yield sse(P.completion_chunk(rid, model, index, out.delta_text, P.finish_reason(out)))
-            finally:
+                            yield sse(P.completion_chunk(rid, name, index, out.delta_text, P.finish_reason(out)))
+            finally:  # the client went away (or a bug): no await here, the task is being cancelled
                 for t in tasks:
                     t.cancel()
-                for g in gens:
-                    await g.aclose()
             if include_usage:
-                yield sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+                yield sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
                            "choices": [], "usage": P.usage(prompt_tokens, completion_tokens)})
             yield sse("[DONE]")
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(chunks(), media_type="text/event-stream")
 
     @app.get("/v1/memory")
     async def memory():
@@ -185,10 +250,17 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     @app.post("/v1/memory/limit")
     async def memory_limit(request: Request):
         """{"max_bytes": N}: how far the KV pool may grow; lowering it gives free pages back at once."""
-        body = await read_body(request)
+        if not config.api_key and not config.loopback_only:
+            raise ApiError(403, "changing the KV limit needs --api-key on a server reachable from other machines "
+                                "(bound beyond loopback)")
+        body = await read_body(request, {"max_bytes"}, "/v1/memory/limit")
         value = body.get("max_bytes")
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ApiError(400, f"max_bytes must be a positive integer, got {value!r}", param="max_bytes")
+            raise ApiError(400, f"max_bytes must be a positive integer, got {P.short(value)}", param="max_bytes")
+        total = _device_memory(str(engine.engine.device))
+        if value > total:
+            raise ApiError(400, f"max_bytes {value} is more than this device's memory ({total} bytes)",
+                           param="max_bytes")
         try:
             return await asyncio.to_thread(engine.call, lambda e: e.set_kv_limit(value))
         except ValueError as e:
@@ -197,9 +269,9 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     @app.get("/metrics")
     async def metrics():
         stats = await asyncio.to_thread(engine.call, lambda e: e.stats())
-        return PlainTextResponse(prometheus(stats, served_model_name), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus(stats, name), media_type="text/plain; version=0.0.4")
 
-    return app
+    return Guard(app, state)
 
 
 async def _last(gen: AsyncIterator):
@@ -209,35 +281,24 @@ async def _last(gen: AsyncIterator):
     return out
 
 
-def prometheus(stats: dict, model: str) -> str:
-    pool = stats["pool"]
-    owned = [s for s in stats["slots"] if s["owner"] and not s.get("internal")]
-    rows = [
-        ("glake_requests_running", "gauge", "Requests being generated", stats["running"]),
-        ("glake_requests_waiting", "gauge", "Requests queued", stats["waiting"]),
-        ("glake_kv_pages_mapped", "gauge", "Physical KV pages in use", pool["used_pages"]),
-        ("glake_kv_pages_reserved", "gauge", "Virtual KV pages reserved by running requests' slots",
-         sum(s["reserved_pages"] for s in owned)),
-        ("glake_kv_pool_pages", "gauge", "Physical pages in the pool", pool["total_pages"]),
-        ("glake_kv_pool_free_pages", "gauge", "Free physical pages", pool["free_pages"]),
-        ("glake_kv_pool_usage", "gauge", "Fraction of the pool in use",
-         pool["used_pages"] / pool["total_pages"] if pool["total_pages"] else 0.0),
-        ("glake_preemptions_total", "counter", "Requests preempted (recomputed later)", stats["preemptions"]),
-        ("glake_mapping_waits_total", "counter", "Times a step waited on the mapping worker", stats["mapping_waits"]),
-        ("glake_prompt_tokens_total", "counter", "Prompt tokens processed", stats["prompt_tokens"]),
-        ("glake_generation_tokens_total", "counter", "Tokens generated", stats["generation_tokens"]),
-        ("glake_requests_finished_total", "counter", "Requests finished", stats["finished"]),
-    ]
-    if stats.get("prefix_cache"):
-        pc = stats["prefix_cache"]
-        rows += [
-            ("glake_prefix_cache_pages", "gauge", "KV pages held by the prefix cache", pc["cached_pages"]),
-            ("glake_prefix_cache_lookups_total", "counter", "Prompts looked up in the prefix cache", pc["lookups"]),
-            ("glake_prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache",
-             pc["hit_tokens"]),
-            ("glake_prefix_cache_evicted_total", "counter", "Prefix-cache entries evicted", pc["evicted"]),
-        ]
-    lines = []
-    for name, kind, help_, value in rows:
-        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f'{name}{{model="{model}"}} {value}']
-    return "\n".join(lines) + "\n"
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (call it once the body has been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _engine_error(e: BaseException) -> ApiError:
+    if isinstance(e, EngineDeadError):
+        return ApiError(503, f"{e}; restart the server")
+    if isinstance(e, ValueError):  # the engine refused the request when adding it
+        return ApiError(400, str(e))
+    raise e
+
+
+def _device_memory(device: str) -> int:
+    """Total bytes of the device the KV pool lives on (bounds what /v1/memory/limit accepts)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[1]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

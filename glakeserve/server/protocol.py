@@ -1,69 +1,157 @@
 """OpenAI request bodies -> (prompt, SamplingParams), and our outputs -> OpenAI response bodies.
 
-Every rejection is an ApiError with the status and message the client will see."""
+Every rejection is an ApiError with the status and message the client will see. Bodies are read
+strictly: JSON without NaN/Infinity, only the fields this server knows, numbers in the range the
+engine can hold, text that is valid Unicode; anything else is a 400 that names the field."""
 
 from __future__ import annotations
 
+import json
+import math
+import reprlib
 import time
 import uuid
 
 from glakeserve.request import RequestOutput
 from glakeserve.sampling import SamplingParams
 
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable"}
+
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, kind: str | None = None, param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.param = status, message, param
+        self.kind = kind or ERROR_TYPES.get(status, "invalid_request_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
 
 
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxstring, _short.maxother, _short.maxlong, _short.maxlist, _short.maxdict = 3, 60, 60, 40, 5, 5
+
+
+def short(value) -> str:
+    """A bounded repr for error messages (a client's value may be huge or deeply nested)."""
+    return _short.repr(value)
+
+
+# ----- the body ---------------------------------------------------------------------------------
+class _NotJson(ValueError):
+    pass
+
+
+def _reject_constant(name: str):
+    raise _NotJson(name)
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty: send a JSON object")
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to read") from None
+    except _NotJson as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e} is not a JSON number (send a finite "
+                            f"number)") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not valid JSON: it is not UTF-8 text") from None
+    except ValueError as e:  # an integer too long to convert
+        raise ApiError(400, f"the request body has a number too large to read: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def check_text(text: str, where: str, param: str) -> str:
+    """Text that goes to the tokenizer must be valid Unicode (JSON lets a lone surrogate through)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{where} contains a lone UTF-16 surrogate ({short(text[e.start])}) at character "
+                            f"{e.start}: text must be valid Unicode", param=param) from None
+    return text
+
+
+# ----- fields -----------------------------------------------------------------------------------
+# Accepted only at their "off" value (anything else is a 400 that says so).
 UNSUPPORTED = {
-    "logprobs": "logprobs are not supported",
-    "top_logprobs": "logprobs are not supported",
-    "tools": "tool calling is not supported",
-    "functions": "function calling is not supported",
-    "best_of": "best_of is not supported",
-    "echo": "echo is not supported",
-    "suffix": "suffix is not supported",
+    "logprobs": ("logprobs are not supported", (None, False, 0)),
+    "top_logprobs": ("logprobs are not supported", (None, 0)),
+    "tools": ("tool calling is not supported", (None, [])),
+    "tool_choice": ("tool calling is not supported", (None, "none")),
+    "functions": ("function calling is not supported", (None, [])),
+    "function_call": ("function calling is not supported", (None, "none")),
+    "best_of": ("best_of is not supported", (None, 1)),
+    "echo": ("echo is not supported", (None, False)),
+    "suffix": ("suffix is not supported", (None, "")),
+    "logit_bias": ("logit_bias is not supported", (None, {})),
+    "response_format": ("response_format other than text is not supported", (None, {"type": "text"})),
 }
 
-# OpenAI name -> (SamplingParams name, accepted types); vLLM's extras pass straight through
+# OpenAI name -> accepted type (the vLLM extras among them pass straight to SamplingParams)
 NUMERIC = {
     "temperature": float, "top_p": float, "presence_penalty": float, "frequency_penalty": float,
     "top_k": int, "min_p": float, "repetition_penalty": float, "min_tokens": int, "seed": int, "n": int,
 }
 BOOLEAN = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+COMMON = {"model", "stream", "stream_options", "max_tokens", "stop", "stop_token_ids", "user",
+          "parallel_tool_calls", *NUMERIC, *BOOLEAN, *UNSUPPORTED}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = COMMON | {"prompt"}
+INT64 = 2**63
 
 
-def _number(body: dict, key: str, kind: type):
-    value = body[key]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int and ok and float(value) != int(value):
-        ok = False
-    if not ok:
-        raise ApiError(400, f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}", param=key)
+def check_fields(body: dict, known: set[str], endpoint: str) -> None:
+    for key in body:
+        if key not in known:
+            raise ApiError(400, f"{short(key)} is not an argument of {endpoint} that this server knows; remove it "
+                                f"(the README's serve section lists the accepted ones)", param=key[:100])
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise ApiError(400, f"user must be a string, got {short(body['user'])}", param="user")
+    if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
+        raise ApiError(400, "parallel_tool_calls must be true or false", param="parallel_tool_calls")
+
+
+def _number(key: str, value, kind: type):
+    what = "an integer" if kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, f"{key} must be {what}, got {short(value)}", param=key)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ApiError(400, f"{key} must be a finite number, got {value}", param=key)
+        if kind is int:
+            if not value.is_integer():
+                raise ApiError(400, f"{key} must be an integer, got {value}", param=key)
+            value = int(value)
+    if not -INT64 <= value < INT64:
+        raise ApiError(400, f"{key} is out of range: {short(value)} (it must fit in 64 bits)", param=key)
     return kind(value)
 
 
-def sampling_params(body: dict, default_max_tokens: int | None) -> SamplingParams:
-    for key, why in UNSUPPORTED.items():
-        if body.get(key) not in (None, False, 0, [], ""):
-            raise ApiError(400, f"{why} by this server", param=key)
+def sampling_params(body: dict, default_max_tokens: int | None, vocab_size: int) -> SamplingParams:
+    for key, (why, off) in UNSUPPORTED.items():
+        if key in body and not any(body[key] == v and type(body[key]) is type(v) for v in off):
+            raise ApiError(400, f"{why} by this server (got {key}={short(body[key])})", param=key)
     kwargs: dict = {}
     for key, kind in NUMERIC.items():
         if body.get(key) is not None:
-            kwargs[key] = _number(body, key, kind)
+            kwargs[key] = _number(key, body[key], kind)
     for key in BOOLEAN:
         if body.get(key) is not None:
             if not isinstance(body[key], bool):
-                raise ApiError(400, f"{key} must be true or false, got {body[key]!r}", param=key)
+                raise ApiError(400, f"{key} must be true or false, got {short(body[key])}", param=key)
             kwargs[key] = body[key]
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        kwargs["max_tokens"] = _number({"max_tokens": max_tokens}, "max_tokens", int)
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if body.get(key) is not None:
+        kwargs["max_tokens"] = _number(key, body[key], int)
     else:
         kwargs["max_tokens"] = default_max_tokens
     stop = body.get("stop")
@@ -71,13 +159,19 @@ def sampling_params(body: dict, default_max_tokens: int | None) -> SamplingParam
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise ApiError(400, f"stop must be a string or a list of strings, got {stop!r}", param="stop")
+            raise ApiError(400, f"stop must be a string or a list of strings, got {short(stop)}", param="stop")
+        for i, s in enumerate(stop):
+            check_text(s, f"stop[{i}]", "stop")
         kwargs["stop"] = stop
     if body.get("stop_token_ids") is not None:
         ids = body["stop_token_ids"]
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise ApiError(400, "stop_token_ids must be a list of integers", param="stop_token_ids")
+        if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab_size for t in ids):
+            raise ApiError(400, f"stop_token_ids must be a list of token ids in [0, {vocab_size}), got {short(ids)}",
+                           param="stop_token_ids")
         kwargs["stop_token_ids"] = ids
+    if kwargs.get("top_k", 0) > vocab_size:
+        raise ApiError(400, f"top_k must be at most the vocabulary size ({vocab_size}), got {kwargs['top_k']}; "
+                            f"use 0 or -1 to turn top-k off", param="top_k")
     if "temperature" in kwargs and kwargs["temperature"] > 2.0:
         raise ApiError(400, f"temperature must be in [0, 2], got {kwargs['temperature']}", param="temperature")
     try:
@@ -87,6 +181,25 @@ def sampling_params(body: dict, default_max_tokens: int | None) -> SamplingParam
         raise ApiError(400, str(e), param=param if param in kwargs else None) from None
 
 
+def stream_flags(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage), checked."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, f"stream must be true or false, got {short(stream)}", param="stream")
+    options = body.get("stream_options")
+    if options is None:
+        return bool(stream), False
+    if not stream:
+        raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise ApiError(400, f"stream_options must be an object like {{\"include_usage\": true}}, got "
+                            f"{short(options)}", param="stream_options")
+    usage_flag = options.get("include_usage", False)
+    if not isinstance(usage_flag, bool):
+        raise ApiError(400, "stream_options.include_usage must be true or false", param="stream_options")
+    return True, usage_flag
+
+
 def chat_messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -94,17 +207,20 @@ def chat_messages(body: dict) -> list[dict]:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", param="messages")
+            raise ApiError(400, f"messages[{i}] needs a role of system, developer, user or assistant",
+                           param="messages")
         content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
+        if isinstance(content, list):  # content parts: text ones only
             texts = []
             for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    raise ApiError(400, f"messages[{i}]: only text content parts are supported", param="messages")
-                texts.append(str(part.get("text", "")))
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ApiError(400, f"messages[{i}]: only text content parts ({{\"type\": \"text\", \"text\": "
+                                        f"...}}) are supported", param="messages")
+                texts.append(part["text"])
             content = "".join(texts)
         if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", param="messages")
+            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
+        check_text(content, f"messages[{i}].content", "messages")
         role = "system" if m["role"] == "developer" else m["role"]
         out.append({"role": role, "content": content})
     return out
@@ -112,16 +228,22 @@ def chat_messages(body: dict) -> list[dict]:
 
 def completion_prompts(body: dict) -> list[str | list[int]]:
     prompt = body.get("prompt")
+    prompts = None
     if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) for t in prompt):
-            return [prompt]
-        if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
-        if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
-            return list(prompt)
-    raise ApiError(400, "prompt must be a string, a list of strings, or token ids", param="prompt")
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        if all(type(t) is int for t in prompt):
+            prompts = [prompt]
+        elif all(isinstance(p, str) for p in prompt) or all(
+                isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt):
+            prompts = list(prompt)
+    if prompts is None:
+        raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids, or a list of lists of "
+                            "token ids", param="prompt")
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            check_text(p, "prompt" if len(prompts) == 1 else f"prompt[{i}]", "prompt")
+    return prompts
 
 
 def new_id(prefix: str) -> str:
@@ -129,9 +251,10 @@ def new_id(prefix: str) -> str:
 
 
 def finish_reason(out: RequestOutput) -> str | None:
+    """stop / length, or (for a request the server cut short) timeout / shutdown."""
     if not out.finished:
         return None
-    return "length" if out.finish_reason == "length" else "stop"
+    return out.finish_reason if out.finish_reason in ("length", "timeout", "shutdown") else "stop"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
