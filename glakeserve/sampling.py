@@ -162,7 +162,7 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams], to_device) -> to
         temps = to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32)
         logits = logits / temps[:, None]
     V = logits.shape[1]
-    top_ks = [p.top_k if p.top_k > 0 else V for p in params]
+    top_ks = [min(p.top_k, V) if p.top_k > 0 else V for p in params]
     if any(k < V for k in top_ks):
         k = to_device(top_ks, torch.int64)
         kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])

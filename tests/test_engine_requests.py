@@ -62,3 +62,23 @@ def test_chat_applies_the_template(smol_llm):
     assert "Paris" in out.text
     with pytest.raises(ValueError, match="needs 'role' and 'content'"):
         smol_llm.chat([{"text": "hi"}])
+
+
+def test_sampling_values_the_vocabulary_cannot_serve_are_refused(smol_llm):
+    vocab = smol_llm.engine.model_config.vocab_size
+    with pytest.raises(ValueError, match=f"top_k must be at most the vocabulary size \\({vocab}\\)"):
+        smol_llm.generate(["hi"], SamplingParams(top_k=vocab + 1))
+    with pytest.raises(ValueError, match=f"stop_token_ids must be in \\[0, {vocab}\\)"):
+        smol_llm.generate(["hi"], SamplingParams(stop_token_ids=[vocab + 7], min_tokens=2, max_tokens=4))
+    assert not smol_llm.engine.has_unfinished_requests()
+
+
+def test_an_aborted_request_returns_the_text_so_far(smol_llm):
+    engine = smol_llm.engine
+    rid = engine.add_request("Count from one to fifty:", SamplingParams(temperature=0, max_tokens=100,
+                                                                       ignore_eos=True), stream=False)
+    for _ in range(6):
+        engine.step()
+    out = engine.abort_request(rid)
+    assert out.finish_reason == "abort" and out.token_ids
+    assert out.text == smol_llm.tokenizer.decode(out.token_ids, True) and out.text

@@ -21,7 +21,8 @@ KVMemory = Annotated[Optional[str], typer.Option(
 KVMaxMemory = Annotated[Optional[str], typer.Option(
     help="How far the KV pool may grow when short (it starts at --kv-cache-memory): bytes or a fraction.")]
 LoadFormat = Annotated[str, typer.Option(help="auto, or dummy for random weights of a named shape.")]
-KVLayout = Annotated[str, typer.Option(help="token-major or per-layer (see ARCHITECTURE.md).")]
+KVLayout = Annotated[str, typer.Option(help="token-major, page-major or per-layer (vTensor layouts), or paged (the "
+                                             "block-table baseline); benchmarks/RESULTS.md compares them.")]
 Seed = Annotated[int, typer.Option(help="Seed for requests that bring none.")]
 NoPrefixCaching = Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")]
 

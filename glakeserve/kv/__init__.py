@@ -51,20 +51,16 @@ def kv_cache_bytes(setting: float | None, device: torch.device, info: tuple[int,
 def make_kv_cache(layout: KVLayout | str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                   max_model_len: int, num_slots: int, memory: float | None = None, max_memory: float | None = None,
                   page_size: int | None = None, prefix_caching: bool = True, lookahead_tokens: int = 64) -> KVCache:
-    """layout: a KVLayout, or "auto" (page-major on a GPU where a page holds whole tokens, else
-    token-major). memory / max_memory: bytes (> 1) or fractions of free memory (<= 1); max_memory is how far a
+    """memory / max_memory: bytes (> 1) or fractions of free memory (<= 1); max_memory is how far a
     vTensor pool may grow when short (default: where it starts). page_size: bytes of a pool page
     (a multiple of the driver's 2 MiB on a GPU); by default one that holds at least 16 tokens."""
     gpu = device.type == "cuda"
     per_token = cfg.num_kv_heads * cfg.head_dim * dtype.itemsize  # in one vTensor, one layer's K
     whole = per_token * 2 * cfg.num_layers  # a token's K and V of every layer
-    if layout == "auto":  # page-major on a GPU where a page holds whole tokens; token-major else
-        aligned = default_page_size(whole, 2 << 20, host=False) if page_size is None else page_size
-        layout = KVLayout.PAGE_MAJOR if gpu and aligned % whole == 0 else KVLayout.TOKEN_MAJOR
     try:
         layout = KVLayout(layout)
     except ValueError:
-        raise ValueError(f"kv_layout must be auto, {', '.join(x.value for x in KVLayout)}; got {layout!r}") from None
+        raise ValueError(f"kv_layout must be one of {', '.join(x.value for x in KVLayout)}; got {layout!r}") from None
     info = memory_info(device)
     start = kv_cache_bytes(memory, device, info)
     if layout is KVLayout.PAGED:

@@ -337,6 +337,9 @@ class VTensorKVCache(KVCache):
 
     # ----- the pool's life --------------------------------------------------------------------
     def set_limit(self, max_bytes: int) -> dict:
+        device_total = self.pool.memory_info()[1]
+        if max_bytes > device_total:
+            raise ValueError(f"a KV limit of {int(max_bytes)} bytes is more than the device has ({device_total} bytes)")
         pages = int(max_bytes) // self.pool.page_size
         if pages < self.min_pages:
             raise ValueError(f"a KV limit of {int(max_bytes)} bytes ({pages} pages) cannot hold one request of "
