@@ -28,7 +28,7 @@ from glakeserve.datasets import BenchRequest, sample_sharegpt
 from glakeserve.llm import LLM
 from glakeserve.model.config import DUMMY_SHAPES
 from glakeserve.sampling import SamplingParams
-from report import save_json
+from report import close_llm, save_json
 
 console = Console()
 
@@ -63,9 +63,7 @@ def throughput(name: str, reqs: list[BenchRequest], layout: str, max_num_seqs: i
                phase_seconds=stats["phase_seconds"], device_timeline=stats["device_timeline"],
                engine_driver_calls=stats["engine_driver_calls"], async_jobs=stats["pool"]["async_jobs"],
                async_pages=stats["pool"]["async_pages"])
-    llm.close()
-    del llm
-    free_gpu()
+    close_llm(llm)
     return out
 
 
@@ -76,9 +74,7 @@ def batch1_ours(name: str, new_tokens: int = 256) -> float:
     times = []
     for _ in llm.generate_stream([prompt], SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)):
         times.append(time.perf_counter())
-    llm.close()
-    del llm
-    free_gpu()
+    close_llm(llm)
     return (len(times) - 1) / (times[-1] - times[0])
 
 

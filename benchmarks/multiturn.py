@@ -12,7 +12,6 @@ when the previous one finishes. Greedy, EOS ignored, reply lengths from the data
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import time
 
@@ -21,7 +20,7 @@ import torch
 from glakeserve.datasets import load_conversations
 from glakeserve.llm import LLM
 from glakeserve.sampling import SamplingParams
-from report import save_json
+from report import close_llm, save_json
 
 
 def pick(tok, count: int, turns: int, max_user: int, max_output: int) -> list[list[tuple[list[int], int]]]:
@@ -132,11 +131,7 @@ def main() -> None:
               f"{ {k: round(v, 1) for k, v in r['mean_ttft_ms_by_turn'].items()} }, turns 3+: "
               f"{r['mean_ttft_ms_turn3_on']:.1f} ms, {r['total_tokens_per_s']:.0f} total tok/s, "
               f"{r['elapsed_s']:.1f} s", flush=True)
-        llm.close()
-        del llm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        close_llm(llm)
     result["ttft_speedup_turn3_on"] = result["off"]["mean_ttft_ms_turn3_on"] / result["on"]["mean_ttft_ms_turn3_on"]
     result["throughput_ratio"] = result["on"]["total_tokens_per_s"] / result["off"]["total_tokens_per_s"]
     print(f"mean TTFT from turn 3 on: {result['ttft_speedup_turn3_on']:.2f}x lower with prefix caching; "

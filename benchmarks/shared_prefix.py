@@ -10,7 +10,6 @@ served, and how the hits were served (aliased blocks; driver calls on the engine
 from __future__ import annotations
 
 import argparse
-import gc
 import random
 import statistics
 import time
@@ -20,7 +19,7 @@ import torch
 from glakeserve.datasets import load_conversations
 from glakeserve.llm import LLM
 from glakeserve.sampling import SamplingParams
-from report import save_json
+from report import close_llm, save_json
 
 
 def questions(tok, count: int, max_len: int) -> list[list[int]]:
@@ -88,11 +87,7 @@ def main() -> None:
               f"{r['median_ttft_ms']:.1f}), {r['total_tokens_per_s']:.0f} total tok/s, {r['hit_tokens']} tokens from "
               f"the cache, {r['aliased_blocks']} blocks aliased, engine-thread driver calls "
               f"{r['engine_driver_calls']}, waits {r['mapping_waits']}", flush=True)
-        llm.close()
-        del llm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        close_llm(llm)
     result["ttft_speedup"] = result["off"]["mean_ttft_ms"] / result["on"]["mean_ttft_ms"]
     result["throughput_ratio"] = result["on"]["total_tokens_per_s"] / result["off"]["total_tokens_per_s"]
     print(f"shared system prompt: mean TTFT {result['ttft_speedup']:.2f}x lower with prefix caching; throughput "
