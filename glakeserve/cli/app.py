@@ -18,6 +18,7 @@ app = typer.Typer(
     help="GlakeServe: LLM inference with a KV cache in vTensors (virtual memory, mapped page by page).",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
 console = Console(highlight=False)
@@ -168,7 +169,8 @@ def _hf_model(engine):
 @app.command("inspect-memory")
 def inspect_memory(
     url: Annotated[Optional[str], typer.Option(help="A running `glake serve`, e.g. http://127.0.0.1:8000.")] = None,
-    api_key: Annotated[Optional[str], typer.Option(help="The server's API key, if it has one.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="GLAKE_API_KEY", help="The server's API key, if it has one (as `glake serve` takes it).")] = None,
     watch: Annotated[Optional[float], typer.Option(help="Refresh every this many seconds (Ctrl-C stops).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the state as JSON, for scripts.")] = False,
     set_limit: Annotated[Optional[str], typer.Option(
@@ -185,7 +187,7 @@ def inspect_memory(
     if set_limit is not None:
         if not url:
             fail("--set-limit changes a running server: give its --url")
-        limit = O.parse_memory(set_limit)
+        limit = O.parse_memory(set_limit, option="--set-limit")
         if limit is None or limit <= 1:
             fail("--set-limit takes bytes, like 8GiB")
         try:

@@ -21,7 +21,10 @@ KVMemory = Annotated[Optional[str], typer.Option(
 KVMaxMemory = Annotated[Optional[str], typer.Option(
     help="How far the KV pool may grow when short (it starts at --kv-cache-memory): bytes or a fraction.")]
 LoadFormat = Annotated[str, typer.Option(help="auto, or dummy for random weights of a named shape.")]
-KVLayout = Annotated[str, typer.Option(help="token-major or per-layer (see ARCHITECTURE.md).")]
+KVLayout = Annotated[str, typer.Option(
+    help="token-major (one virtual range per request holds every layer's K and V: at most one partly used page a "
+         "request), per-layer (a vTensor per layer and K/V: a view per layer is contiguous), or paged (the "
+         "block-table baseline, for comparison).")]
 Seed = Annotated[int, typer.Option(help="Seed for requests that bring none.")]
 NoPrefixCaching = Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")]
 
@@ -29,17 +32,18 @@ UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, 
          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
 
 
-def parse_memory(text: str | None) -> float | None:
-    """'2GiB' -> bytes; '0.5' -> a fraction of free memory; None -> the default."""
+def parse_memory(text: str | None, option: str = "--kv-cache-memory") -> float | None:
+    """'2GiB' -> bytes; '0.5' -> a fraction of free memory; None -> the default. A bad value is
+    blamed on `option`, the flag it came from."""
     if text is None:
         return None
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in UNITS:
         raise typer.BadParameter(f"{text!r}: give bytes like 2GiB or 512MiB, or a fraction like 0.5",
-                                 param_hint="--kv-cache-memory")
+                                 param_hint=option)
     value = float(m.group(1)) * UNITS[m.group(2).lower()]
     if value <= 0:
-        raise typer.BadParameter("must be positive", param_hint="--kv-cache-memory")
+        raise typer.BadParameter("must be positive", param_hint=option)
     return value
 
 
