@@ -119,6 +119,15 @@ def bench(
         fail(f"--backend must be glake or hf, got {backend!r}")
     if dataset not in ("sharegpt", "random"):
         fail(f"--dataset must be sharegpt or random, got {dataset!r}")
+    if plot and backend == "hf":
+        fail("--plot draws the glake engine's step timeline, which the hf backend does not have; drop --plot")
+    try:  # before any work: a path that cannot be written must not cost the whole run
+        if output_json:
+            B.check_output_path(output_json, "--output-json")
+        if plot:
+            B.check_output_path(plot, "--plot", B.plot_formats())
+    except ValueError as e:
+        fail(str(e))
     kwargs = O.engine_kwargs(model, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens,
                              kv_cache_memory, load_format, kv_layout, seed)
     kwargs["enable_prefix_caching"] = not no_prefix_caching
@@ -144,13 +153,23 @@ def bench(
         res = B.run_hf(_hf_model(engine), reqs, hf_batch_size, engine.eos_token_ids[0] if engine.eos_token_ids else 0,
                        console)
     B.report(res, console)
-    config = {k: v for k, v in kwargs.items()} | {"dataset": dataset, "num_prompts": num_prompts, "backend": backend,
-                                                  "device": str(engine.device), "kv_layout": kv_layout}
-    if output_json:
-        B.write_json(str(output_json), res, config)
-    if plot:
-        B.plot(str(plot), res)
-        console.print(f"[dim]plot written to {plot}[/dim]")
+    stats = engine.stats()
+    config = {k: v for k, v in kwargs.items()} | {
+        "model": engine.model_name, "dtype": stats["dtype"], "max_model_len": engine.max_model_len,
+        "dataset": dataset, "dataset_path": str(dataset_path) if dataset_path else None, "num_prompts": num_prompts,
+        "input_len": input_len if dataset == "random" else None, "output_len": output_len,
+        "prompt_lens": B.length_summary([r.prompt_len for r in reqs]),
+        "output_lens": B.length_summary([r.output_len for r in reqs]),
+        "backend": backend, "device": stats["device"], "kv_layout": kv_layout}
+    try:
+        if output_json:
+            B.write_json(str(output_json), res, config)
+            console.print(f"[dim]figures and timeline written to {output_json}[/dim]")
+        if plot:
+            B.plot(str(plot), res)
+            console.print(f"[dim]plot written to {plot}[/dim]")
+    except (OSError, ValueError) as e:
+        fail(f"the run finished (figures above) but its output could not be written: {e}", code=1)
 
 
 def _hf_model(engine):
