@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import glakeserve
 from glakeserve.cli import options as O
@@ -26,17 +27,18 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
-def make_llm(**kwargs):
+def make_llm(status_console: Console | None = None, **kwargs):
     """An LLM, or a one-line error that says what to do (no traceback)."""
     from glakeserve.llm import LLM
     from glakeserve.vtensor import VmmError
 
     try:
-        with console.status("loading the model (the first start converts it; later starts are fast)..."):
+        with (status_console or console).status("loading the model (the first start converts it; later starts "
+                                                "are fast)..."):
             return LLM(**kwargs)
     except (ValueError, FileNotFoundError, VmmError) as e:
         fail(str(e))
@@ -58,38 +60,91 @@ def root(
 
 @app.command()
 def chat(
+    args: Annotated[Optional[list[str]], typer.Argument(
+        metavar="[MODEL] [PROMPT]...", show_default=False,
+        help="A model (as --model; taken as one when it names a model here) and/or a prompt. With a prompt, "
+             "or with input piped in, chat prints one answer and exits (non-zero on error).")] = None,
     model: O.Model = None, dtype: O.Dtype = "auto", device: O.Device = "auto", max_model_len: O.MaxModelLen = None,
     kv_cache_memory: O.KVMemory = None, load_format: O.LoadFormat = "auto", kv_layout: O.KVLayout = "token-major",
-    seed: O.Seed = 0,
+    seed: Annotated[Optional[int], typer.Option(
+        min=0, help="Seed of the session's sampling (default: a fresh one each session, shown by /show).")] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.7,
+    temperature: Annotated[float, typer.Option(help="0 is greedy; at most 2.")] = 0.7,
     top_p: Annotated[float, typer.Option()] = 0.9,
     top_k: Annotated[int, typer.Option(help="0 disables.")] = 0,
     min_p: Annotated[float, typer.Option()] = 0.0,
     repetition_penalty: Annotated[float, typer.Option()] = 1.0,
-    max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 512,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        help="Longest reply, in tokens (default 512, at most half the context).", show_default=False)] = None,
     live_memory: Annotated[bool, typer.Option(help="Show the KV memory live while a reply streams.")] = True,
     history_file: Annotated[Optional[Path], typer.Option(help="Where the input history is kept.")] = None,
+    save_dir: Annotated[Optional[Path], typer.Option(
+        help="Where /save and /load keep conversations (default: the user data directory).")] = None,
     no_prefix_caching: O.NoPrefixCaching = False,
 ) -> None:
-    """Chat with a model in the terminal; replies stream, and the KV memory is shown live."""
-    from glakeserve.cli.chat import ChatSession, run_repl
+    """Chat with a model in the terminal; replies stream, and the KV memory is shown live.
+    `glake chat "PROMPT"` or `echo PROMPT | glake chat` answers once and exits."""
+    import secrets
+    import sys
+    from dataclasses import asdict
+
+    from glakeserve.cli.chat import ChatSession, check_params, default_max_tokens, run_repl
     from glakeserve.sampling import SamplingParams
 
+    words = list(args or [])
+    if model is None and words and _names_a_model(words[0], load_format):
+        model = words.pop(0)
+    prompt = " ".join(words) or None
+    if not sys.stdin.isatty():  # piped input is the prompt (after any given on the command line)
+        piped = sys.stdin.read().strip()
+        prompt = "\n\n".join(p for p in (prompt, piped) if p)
+        if not prompt:
+            fail("no prompt: the input piped in was empty (give a prompt, or run glake chat in a terminal)")
+    one_shot = prompt is not None
+    session_seed = seed if seed is not None else secrets.randbits(31)
     try:
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                                repetition_penalty=repetition_penalty, max_tokens=max_tokens)
+                                repetition_penalty=repetition_penalty,
+                                max_tokens=1 if max_tokens is None else max_tokens)
+        check_params(params, 2**62)  # the checks that need no model; max_tokens is checked once it is loaded
     except ValueError as e:
         fail(str(e))
     llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, 1, None, kv_cache_memory, load_format,
-                                     kv_layout, seed), enable_prefix_caching=not no_prefix_caching)
+                                     kv_layout, session_seed), enable_prefix_caching=not no_prefix_caching,
+                   status_console=err_console if one_shot else console)
     if llm.tokenizer is None or not llm.tokenizer.has_chat_template:
         fail("this model has no chat template; use `glake serve` with /v1/completions instead")
-    if history_file is None:
+    limit = llm.engine.max_model_len
+    try:
+        reply_cap = max_tokens or default_max_tokens(limit)
+        params = check_params(SamplingParams(**{**asdict(params), "max_tokens": reply_cap}), limit)
+    except ValueError as e:
+        fail(str(e).replace("max_tokens", "--max-tokens", 1))
+    if save_dir is None or history_file is None:
         import platformdirs
 
-        history_file = Path(platformdirs.user_data_dir("glakeserve")) / "chat_history"
-    run_repl(ChatSession(llm, console, system=system, params=params, live_memory=live_memory), history_file)
+        data = Path(platformdirs.user_data_dir("glakeserve"))
+        save_dir = save_dir or data / "conversations"
+        history_file = history_file or data / "chat_history"
+    session = ChatSession(llm, console, system=system, params=params, live_memory=live_memory and not one_shot,
+                          session_seed=session_seed, save_dir=save_dir)
+    if one_shot:
+        raise typer.Exit(session.answer_once(prompt, sys.stdout, err_console))
+    run_repl(session, history_file)
+
+
+def _names_a_model(word: str, load_format: str) -> bool:
+    """Whether chat's first positional argument is a model rather than the prompt: it is when it
+    names weights on this machine (or, with --load-format dummy, always: a shape is expected)."""
+    from glakeserve.model.loader import resolve_model
+
+    if load_format == "dummy":
+        return True
+    try:
+        resolve_model(word, load_format)
+    except ValueError:
+        return False
+    return True
 
 
 @app.command()
