@@ -83,9 +83,10 @@ class RescoredHead:
     """The output projection: every logit from an Int8Linear (bfloat16 out: steps of 0.125 at
     logits of 16-32, so near-ties would flip), then the tokens within `margin` of the best, at most
     `max_rescored`, recomputed exactly from the dense weight. Greedy picks the same token as the
-    dense head whenever the int8 error stays under margin / 2 (measured: 0.56 at most on SmolLM2)."""
+    dense head whenever the int8 error stays under margin / 2 (measured on SmolLM2: at most 0.97
+    over 120 positions of five prompts)."""
 
-    def __init__(self, weight: torch.Tensor, margin: float = 2.0, max_rescored: int = 64):
+    def __init__(self, weight: torch.Tensor, margin: float = 3.0, max_rescored: int = 64):
         self.weight = weight  # [vocab, hidden], dense: the tied embedding, kept for lookups anyway
         self.approx = Int8Linear.from_dense(weight)
         self.shape = tuple(weight.shape)
