@@ -65,7 +65,11 @@ def chat(
         help="A model (as --model; taken as one when it names a model here) and/or a prompt. With a prompt, "
              "or with input piped in, chat prints one answer and exits (non-zero on error).")] = None,
     model: O.Model = None, dtype: O.Dtype = "auto", device: O.Device = "auto", max_model_len: O.MaxModelLen = None,
-    kv_cache_memory: O.KVMemory = None, load_format: O.LoadFormat = "auto", kv_layout: O.KVLayout = "token-major",
+    kv_cache_memory: O.KVMemory = None,
+    load_format: Annotated[Optional[str], typer.Option(
+        help="auto (dense weights), gguf (a GGUF's own 4-bit/8-bit tensors, CPU only), or dummy. Default: gguf "
+             "for a GGUF model on the CPU (the fastest there), else auto.", show_default=False)] = None,
+    kv_layout: O.KVLayout = "token-major",
     seed: Annotated[Optional[int], typer.Option(
         min=0, help="Seed of the session's sampling (default: a fresh one each session, shown by /show).")] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
@@ -92,8 +96,10 @@ def chat(
     from glakeserve.sampling import SamplingParams
 
     words = list(args or [])
-    if model is None and words and _names_a_model(words[0], load_format):
+    if model is None and words and _names_a_model(words[0], load_format or "auto"):
         model = words.pop(0)
+    if load_format is None:
+        load_format = "gguf" if _quantized_gguf_fits(model, device, dtype) else "auto"
     prompt = " ".join(words) or None
     if not sys.stdin.isatty():  # piped input is the prompt (after any given on the command line)
         piped = sys.stdin.read().strip()
@@ -131,6 +137,21 @@ def chat(
     if one_shot:
         raise typer.Exit(session.answer_once(prompt, sys.stdout, err_console))
     run_repl(session, history_file)
+
+
+def _quantized_gguf_fits(model: str | None, device: str, dtype: str) -> bool:
+    """Whether chat's default runs a GGUF's own quantized tensors: a GGUF model (the embedded one
+    or a .gguf file) on the CPU, in float32 or bfloat16 activations."""
+    from glakeserve.engine import resolve_device
+    from glakeserve.model.loader import DEFAULT_ALIASES
+
+    spec = (model or "default").strip()
+    is_gguf = spec.lower() in DEFAULT_ALIASES or (spec.endswith(".gguf") and Path(spec).expanduser().is_file())
+    try:
+        on_cpu = resolve_device(device).type == "cpu"
+    except ValueError:
+        return False  # the engine reports the bad device
+    return is_gguf and on_cpu and dtype in ("auto", "float32", "fp32", "float", "bfloat16", "bf16")
 
 
 def _names_a_model(word: str, load_format: str) -> bool:

@@ -20,7 +20,9 @@ KVMemory = Annotated[Optional[str], typer.Option(
     help="KV cache size: bytes (e.g. 2GiB, 512MiB) or a fraction of free memory (e.g. 0.5).")]
 KVMaxMemory = Annotated[Optional[str], typer.Option(
     help="How far the KV pool may grow when short (it starts at --kv-cache-memory): bytes or a fraction.")]
-LoadFormat = Annotated[str, typer.Option(help="auto, or dummy for random weights of a named shape.")]
+LoadFormat = Annotated[str, typer.Option(
+    help="auto (dense weights), gguf (run a GGUF's own 4-bit/8-bit tensors; CPU only), or dummy for random "
+         "weights of a named shape.")]
 KVLayout = Annotated[str, typer.Option(
     help="token-major (one virtual range per request holds every layer's K and V: at most one partly used page a "
          "request), per-layer (a vTensor per layer and K/V: a view per layer is contiguous), or paged (the "
