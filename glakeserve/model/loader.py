@@ -271,13 +271,31 @@ def quantize_as_gguf(model: LlamaModel, gguf: Path) -> LlamaModel:
     logits are recomputed exactly (RescoredHead); the rest stays dense. Re-quantizing recovers the file's Q4_1 codes exactly (Int4Linear.from_dense checks)."""
     from glakeserve.model.quant import Int4Linear, RescoredHead
 
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
     types = gguf_tensor_types(gguf)
     parts = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
              "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+    cache = converted_gguf_dir(gguf) / "int4_codes.safetensors"  # re-quantizing takes seconds: once per file
+    try:
+        codes = load_file(str(cache)) if cache.exists() else {}
+    except (SafetensorError, OSError):
+        codes = {}  # a damaged cache is rebuilt
+    fresh = not codes
     for i, layer in enumerate(model.layers):
         for attr, names in parts.items():
-            if all(types.get(f"model.layers.{i}.{n}.weight") == "Q4_1" for n in names):
-                setattr(layer, attr, Int4Linear.from_dense(getattr(layer, attr).weight))
+            if not all(types.get(f"model.layers.{i}.{n}.weight") == "Q4_1" for n in names):
+                continue
+            key = f"{i}.{attr}"
+            if f"{key}.codes" not in codes:
+                q, scales, mins = Int4Linear.quantize(getattr(layer, attr).weight)
+                codes.update({f"{key}.codes": q, f"{key}.scales": scales, f"{key}.mins": mins})
+            setattr(layer, attr, Int4Linear(codes[f"{key}.codes"], codes[f"{key}.scales"], codes[f"{key}.mins"]))
+    if fresh and codes:
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        save_file(codes, str(tmp))
+        tmp.replace(cache)
     head = types.get("lm_head.weight", types.get("model.embed_tokens.weight"))
     if head in ("Q8_0", "Q4_1"):
         model.lm_head = RescoredHead(model.lm_head.weight)

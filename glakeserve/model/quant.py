@@ -37,9 +37,13 @@ class Int4Linear:
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, group: int = GROUP, check: bool = True) -> Int4Linear:
-        """The codes of a weight whose every group of `group` inputs holds at most 16 evenly spaced
-        values from its minimum to its maximum (a dequantized Q4_1 tensor). check: raise ValueError
-        when the weight is not of that form (re-quantizing would change it)."""
+        return cls(*cls.quantize(weight, group, check), group)
+
+    @staticmethod
+    def quantize(weight: torch.Tensor, group: int = GROUP, check: bool = True):
+        """(codes as uint8, scales, minimums) of a weight whose every group of `group` inputs holds at
+        most 16 evenly spaced values from its minimum to its maximum (a dequantized Q4_1 tensor).
+        check: raise ValueError when the weight is not of that form (re-quantizing would change it)."""
         out_features, in_features = weight.shape
         w = weight.float().reshape(out_features, in_features // group, group)  # [out, groups, group]
         lo, hi = w.amin(-1), w.amax(-1)
@@ -51,7 +55,7 @@ class Int4Linear:
             if err > 1e-4 * float(w.abs().amax()):
                 raise ValueError(f"a weight {tuple(weight.shape)} is not 4-bit groups of {group} (re-quantizing "
                                  f"moves it by up to {float(err):.3g}); load it with load_format auto")
-        return cls(codes.reshape(out_features, in_features), scales, lo, group)
+        return codes.reshape(out_features, in_features).to(torch.uint8), scales, lo
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group, self.scales_zeros)
