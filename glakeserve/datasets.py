@@ -41,11 +41,21 @@ def sharegpt_path() -> Path:
     return path
 
 
+SHAREGPT_SHAPE = ('a JSON array of records like {"conversations": [{"from": "human", "value": "..."}, '
+                  '{"from": "gpt", "value": "..."}]} (ShareGPT_V3_unfiltered_cleaned_split.json)')
+
+
 def read_json_records(path: Path) -> list[dict]:
     """The objects of a JSON array, stopping quietly at a truncated last record."""
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory; expected a ShareGPT file: {SHAREGPT_SHAPE}") from None
     decoder = json.JSONDecoder()
-    i = text.index("[") + 1
+    start = len(text) - len(text.lstrip())
+    if not text.startswith("[", start):
+        raise ValueError(f"{path} is not a ShareGPT file: expected {SHAREGPT_SHAPE}, but it does not start with '['")
+    i = start + 1
     records = []
     n = len(text)
     while i < n:
@@ -59,18 +69,32 @@ def read_json_records(path: Path) -> list[dict]:
             break  # the truncated tail
         records.append(obj)
     if not records:
-        raise ValueError(f"{path} holds no complete JSON records")
+        raise ValueError(f"{path} holds no complete JSON records; expected {SHAREGPT_SHAPE}")
     return records
 
 
 def load_conversations(path: Path | None = None) -> list[list[tuple[str, str]]]:
     """Every conversation with at least two turns, as [(role, text), ...] in dataset order."""
-    out = []
-    for rec in read_json_records(path or sharegpt_path()):
-        turns = [(t.get("from", ""), t.get("value", "")) for t in rec.get("conversations", [])]
+    path = path or sharegpt_path()
+    out, first_bad = [], None
+    for rec in read_json_records(path):
+        convo = rec.get("conversations") if isinstance(rec, dict) else None
+        if not isinstance(convo, list) or not all(isinstance(t, dict) and isinstance(t.get("value", ""), str)
+                                                  for t in convo):
+            first_bad = rec if first_bad is None else first_bad
+            continue
+        turns = [(t.get("from", ""), t.get("value", "")) for t in convo]
         if len(turns) >= 2:
             out.append(turns)
+    if not out and first_bad is not None:
+        raise ValueError(f"{path} is not a ShareGPT file: its records look like {_preview(first_bad)}; "
+                         f"expected {SHAREGPT_SHAPE}")
     return out
+
+
+def _preview(value, limit: int = 80) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def sample_sharegpt(tokenizer, num_prompts: int, seed: int = 0, path: Path | None = None,

@@ -53,3 +53,51 @@ def test_unknown_model_is_a_clear_error_not_a_traceback():
     out = runner.invoke(app, ["inspect-memory", "--model", "nobody/nothing"])
     assert out.exit_code == 2
     assert "no weights for 'nobody/nothing'" in out.output and "Traceback" not in out.output
+
+
+def test_dash_h_is_help_everywhere():
+    for args in (["-h"], ["chat", "-h"], ["bench", "-h"], ["inspect-memory", "-h"]):
+        out = runner.invoke(app, args)
+        assert out.exit_code == 0 and "Usage" in out.output, (args, out.output)
+        assert "ARCHITECTURE.md" not in out.output  # the design notes are not shipped with the package
+
+
+def test_set_limit_blames_itself():
+    out = runner.invoke(app, ["inspect-memory", "--url", "http://127.0.0.1:9", "--set-limit", "banana"])
+    assert out.exit_code == 2
+    text = " ".join(out.output.split())
+    assert "--set-limit" in text and "'banana'" in text and "--kv-cache-memory" not in text
+
+
+def test_inspect_memory_url_takes_the_api_key_from_the_environment():
+    import http.server
+    import threading
+
+    seen = []
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            ok = self.headers.get("Authorization") == "Bearer sesame"
+            body = json.dumps({"pool": {"total_pages": 1}} if ok else {"error": {"message": "bad key"}}).encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_port}"
+        out = runner.invoke(app, ["inspect-memory", "--url", url, "--json"], env={"GLAKE_API_KEY": "sesame"})
+        assert out.exit_code == 0, out.output
+        assert json.loads(out.output) == {"pool": {"total_pages": 1}}
+        out = runner.invoke(app, ["inspect-memory", "--url", url, "--json"], env={"GLAKE_API_KEY": ""})
+        assert out.exit_code == 2 and "401" in out.output
+    finally:
+        httpd.shutdown()
+    assert seen[0] == "Bearer sesame" and seen[1] is None

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import glakeserve
 from glakeserve.cli import options as O
@@ -19,6 +20,7 @@ app = typer.Typer(
     help="GlakeServe: LLM inference with a KV cache in vTensors (virtual memory, mapped page by page).",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
 console = Console(highlight=False)
@@ -26,17 +28,18 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
-def make_llm(**kwargs):
+def make_llm(status_console: Console | None = None, **kwargs):
     """An LLM, or a one-line error that says what to do (no traceback)."""
     from glakeserve.llm import LLM
     from glakeserve.vtensor import VmmError
 
     try:
-        with console.status("loading the model (the first start converts it; later starts are fast)..."):
+        with (status_console or console).status("loading the model (the first start converts it; later starts "
+                                                "are fast)..."):
             return LLM(**kwargs)
     except (ValueError, FileNotFoundError, VmmError) as e:
         fail(str(e))
@@ -58,38 +61,112 @@ def root(
 
 @app.command()
 def chat(
+    args: Annotated[Optional[list[str]], typer.Argument(
+        metavar="[MODEL] [PROMPT]...", show_default=False,
+        help="A model (as --model; taken as one when it names a model here) and/or a prompt. With a prompt, "
+             "or with input piped in, chat prints one answer and exits (non-zero on error).")] = None,
     model: O.Model = None, dtype: O.Dtype = "auto", device: O.Device = "auto", max_model_len: O.MaxModelLen = None,
-    kv_cache_memory: O.KVMemory = None, load_format: O.LoadFormat = "auto", kv_layout: O.KVLayout = "token-major",
-    seed: O.Seed = 0,
+    kv_cache_memory: O.KVMemory = None,
+    load_format: Annotated[Optional[str], typer.Option(
+        help="auto (dense weights), gguf (a GGUF's own 4-bit/8-bit tensors, CPU only), or dummy. Default: gguf "
+             "for a GGUF model on the CPU (the fastest there), else auto.", show_default=False)] = None,
+    kv_layout: O.KVLayout = "token-major",
+    seed: Annotated[Optional[int], typer.Option(
+        min=0, help="Seed of the session's sampling (default: a fresh one each session, shown by /show).")] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.7,
+    temperature: Annotated[float, typer.Option(help="0 is greedy; at most 2.")] = 0.7,
     top_p: Annotated[float, typer.Option()] = 0.9,
     top_k: Annotated[int, typer.Option(help="0 disables.")] = 0,
     min_p: Annotated[float, typer.Option()] = 0.0,
     repetition_penalty: Annotated[float, typer.Option()] = 1.0,
-    max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 512,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        help="Longest reply, in tokens (default 512, at most half the context).", show_default=False)] = None,
     live_memory: Annotated[bool, typer.Option(help="Show the KV memory live while a reply streams.")] = True,
     history_file: Annotated[Optional[Path], typer.Option(help="Where the input history is kept.")] = None,
+    save_dir: Annotated[Optional[Path], typer.Option(
+        help="Where /save and /load keep conversations (default: the user data directory).")] = None,
     no_prefix_caching: O.NoPrefixCaching = False,
 ) -> None:
-    """Chat with a model in the terminal; replies stream, and the KV memory is shown live."""
-    from glakeserve.cli.chat import ChatSession, run_repl
+    """Chat with a model in the terminal; replies stream, and the KV memory is shown live.
+    `glake chat "PROMPT"` or `echo PROMPT | glake chat` answers once and exits."""
+    import secrets
+    import sys
+    from dataclasses import asdict
+
+    from glakeserve.cli.chat import ChatSession, check_params, default_max_tokens, run_repl
     from glakeserve.sampling import SamplingParams
 
+    words = list(args or [])
+    if model is None and words and _names_a_model(words[0], load_format or "auto"):
+        model = words.pop(0)
+    if load_format is None:
+        load_format = "gguf" if _quantized_gguf_fits(model, device, dtype) else "auto"
+    prompt = " ".join(words) or None
+    if not sys.stdin.isatty():  # piped input is the prompt (after any given on the command line)
+        piped = sys.stdin.read().strip()
+        prompt = "\n\n".join(p for p in (prompt, piped) if p)
+        if not prompt:
+            fail("no prompt: the input piped in was empty (give a prompt, or run glake chat in a terminal)")
+    one_shot = prompt is not None
+    session_seed = seed if seed is not None else secrets.randbits(31)
     try:
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                                repetition_penalty=repetition_penalty, max_tokens=max_tokens)
+                                repetition_penalty=repetition_penalty,
+                                max_tokens=1 if max_tokens is None else max_tokens)
+        check_params(params, 2**62)  # the checks that need no model; max_tokens is checked once it is loaded
     except ValueError as e:
         fail(str(e))
     llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, 1, None, kv_cache_memory, load_format,
-                                     kv_layout, seed), enable_prefix_caching=not no_prefix_caching)
+                                     kv_layout, session_seed), enable_prefix_caching=not no_prefix_caching,
+                   status_console=err_console if one_shot else console)
     if llm.tokenizer is None or not llm.tokenizer.has_chat_template:
         fail("this model has no chat template; use `glake serve` with /v1/completions instead")
-    if history_file is None:
+    limit = llm.engine.max_model_len
+    try:
+        reply_cap = max_tokens or default_max_tokens(limit)
+        params = check_params(SamplingParams(**{**asdict(params), "max_tokens": reply_cap}), limit)
+    except ValueError as e:
+        fail(str(e).replace("max_tokens", "--max-tokens", 1))
+    if save_dir is None or history_file is None:
         import platformdirs
 
-        history_file = Path(platformdirs.user_data_dir("glakeserve")) / "chat_history"
-    run_repl(ChatSession(llm, console, system=system, params=params, live_memory=live_memory), history_file)
+        data = Path(platformdirs.user_data_dir("glakeserve"))
+        save_dir = save_dir or data / "conversations"
+        history_file = history_file or data / "chat_history"
+    session = ChatSession(llm, console, system=system, params=params, live_memory=live_memory and not one_shot,
+                          session_seed=session_seed, save_dir=save_dir)
+    if one_shot:
+        raise typer.Exit(session.answer_once(prompt, sys.stdout, err_console))
+    run_repl(session, history_file)
+
+
+def _quantized_gguf_fits(model: str | None, device: str, dtype: str) -> bool:
+    """Whether chat's default runs a GGUF's own quantized tensors: a GGUF model (the embedded one
+    or a .gguf file) on the CPU, in float32 or bfloat16 activations."""
+    from glakeserve.engine import resolve_device
+    from glakeserve.model.loader import DEFAULT_ALIASES
+
+    spec = (model or "default").strip()
+    is_gguf = spec.lower() in DEFAULT_ALIASES or (spec.endswith(".gguf") and Path(spec).expanduser().is_file())
+    try:
+        on_cpu = resolve_device(device).type == "cpu"
+    except ValueError:
+        return False  # the engine reports the bad device
+    return is_gguf and on_cpu and dtype in ("auto", "float32", "fp32", "float", "bfloat16", "bf16")
+
+
+def _names_a_model(word: str, load_format: str) -> bool:
+    """Whether chat's first positional argument is a model rather than the prompt: it is when it
+    names weights on this machine (or, with --load-format dummy, always: a shape is expected)."""
+    from glakeserve.model.loader import resolve_model
+
+    if load_format == "dummy":
+        return True
+    try:
+        resolve_model(word, load_format)
+    except ValueError:
+        return False
+    return True
 
 
 @app.command()
@@ -119,6 +196,15 @@ def bench(
         fail(f"--backend must be glake or hf, got {backend!r}")
     if dataset not in ("sharegpt", "random"):
         fail(f"--dataset must be sharegpt or random, got {dataset!r}")
+    if plot and backend == "hf":
+        fail("--plot draws the glake engine's step timeline, which the hf backend does not have; drop --plot")
+    try:  # before any work: a path that cannot be written must not cost the whole run
+        if output_json:
+            B.check_output_path(output_json, "--output-json")
+        if plot:
+            B.check_output_path(plot, "--plot", B.plot_formats())
+    except ValueError as e:
+        fail(str(e))
     kwargs = O.engine_kwargs(model, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens,
                              kv_cache_memory, load_format, kv_layout, seed)
     kwargs["enable_prefix_caching"] = not no_prefix_caching
@@ -144,13 +230,23 @@ def bench(
         res = B.run_hf(_hf_model(engine), reqs, hf_batch_size, engine.eos_token_ids[0] if engine.eos_token_ids else 0,
                        console)
     B.report(res, console)
-    config = {k: v for k, v in kwargs.items()} | {"dataset": dataset, "num_prompts": num_prompts, "backend": backend,
-                                                  "device": str(engine.device), "kv_layout": kv_layout}
-    if output_json:
-        B.write_json(str(output_json), res, config)
-    if plot:
-        B.plot(str(plot), res)
-        console.print(f"[dim]plot written to {plot}[/dim]")
+    stats = engine.stats()
+    config = {k: v for k, v in kwargs.items()} | {
+        "model": engine.model_name, "dtype": stats["dtype"], "max_model_len": engine.max_model_len,
+        "dataset": dataset, "dataset_path": str(dataset_path) if dataset_path else None, "num_prompts": num_prompts,
+        "input_len": input_len if dataset == "random" else None, "output_len": output_len,
+        "prompt_lens": B.length_summary([r.prompt_len for r in reqs]),
+        "output_lens": B.length_summary([r.output_len for r in reqs]),
+        "backend": backend, "device": stats["device"], "kv_layout": kv_layout}
+    try:
+        if output_json:
+            B.write_json(str(output_json), res, config)
+            console.print(f"[dim]figures and timeline written to {output_json}[/dim]")
+        if plot:
+            B.plot(str(plot), res)
+            console.print(f"[dim]plot written to {plot}[/dim]")
+    except (OSError, ValueError) as e:
+        fail(f"the run finished (figures above) but its output could not be written: {e}", code=1)
 
 
 def _hf_model(engine):
@@ -169,7 +265,8 @@ def _hf_model(engine):
 @app.command("inspect-memory")
 def inspect_memory(
     url: Annotated[Optional[str], typer.Option(help="A running `glake serve`, e.g. http://127.0.0.1:8000.")] = None,
-    api_key: Annotated[Optional[str], typer.Option(help="The server's API key, if it has one.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="GLAKE_API_KEY", help="The server's API key, if it has one (as `glake serve` takes it).")] = None,
     watch: Annotated[Optional[float], typer.Option(help="Refresh every this many seconds (Ctrl-C stops).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the state as JSON, for scripts.")] = False,
     set_limit: Annotated[Optional[str], typer.Option(
@@ -186,7 +283,7 @@ def inspect_memory(
     if set_limit is not None:
         if not url:
             fail("--set-limit changes a running server: give its --url")
-        limit = O.parse_memory(set_limit)
+        limit = O.parse_memory(set_limit, option="--set-limit")
         if limit is None or limit <= 1:
             fail("--set-limit takes bytes, like 8GiB")
         try:

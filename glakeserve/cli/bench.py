@@ -9,8 +9,10 @@ as the in-run baseline (left-padded batches, each batch generating its longest o
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -70,9 +72,12 @@ def run_glake(llm, reqs: list[BenchRequest], console: Console) -> BenchResult:
                            SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.output_len, ignore_eos=True),
                            arrival_time=t0, stream=False)
     res = BenchResult("glake", 0.0, len(reqs), sum(r.prompt_len for r in reqs), 0)
-    first = engine.stats()
+    first = engine.stats()  # t = 0: every request queued, nothing run yet (the plot's axes start here)
     mapped_before, page = first["pool"]["pages_mapped"], first["pool"]["page_size"]
     bytes_per_token, reserved_per_slot = first["kv_bytes_per_token"], first["kv_reserved_pages_per_slot"]
+    res.timeline.append({"t": 0.0, "generated": 0, "running": 0, "waiting": len(reqs),
+                         "mapped_bytes": (first["kv_pages"]["total"] - first["kv_pages"]["free"]) * page,
+                         "reserved_bytes": 0, "token_bytes": 0})
     with _progress(console) as progress:
         task = progress.add_task("requests", total=len(reqs))
         while engine.has_unfinished_requests():
@@ -168,6 +173,35 @@ def report(res: BenchResult, console: Console) -> None:
     console.print(t2)
 
 
+def check_output_path(path: Path, option: str, formats: set[str] | None = None) -> None:
+    """Raises ValueError, naming the option, when `path` cannot be written (checked before a run)."""
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a directory; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path}: the directory {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{option} {path} is not writable here; choose another path")
+    if formats is not None and path.suffix and path.suffix[1:].lower() not in formats:
+        raise ValueError(f"{option} {path}: matplotlib cannot write {path.suffix} files; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+
+
+def plot_formats() -> set[str]:
+    """The file types the plot can be saved as."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return set(Figure().canvas.get_supported_filetypes())
+
+
+def length_summary(lengths: list[int]) -> dict:
+    return {"mean": float(np.mean(lengths)), "min": int(min(lengths)), "max": int(max(lengths)),
+            "total": int(sum(lengths))}
+
+
 def write_json(path: str, res: BenchResult, config: dict) -> None:
     with open(path, "w") as f:
         json.dump({"config": config, "results": res.summary(), "timeline": res.timeline}, f, indent=2)
@@ -187,20 +221,25 @@ def plot(path: str, res: BenchResult) -> None:
     window = max(1, len(t) // 50)
     rate = np.zeros_like(t)
     rate[window:] = (gen[window:] - gen[:-window]) / np.maximum(t[window:] - t[:-window], 1e-9)
-    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(9, 11), sharex=True)
     axes[0].plot(t, rate)
     axes[0].set_ylabel("output tokens/s")
-    axes[1].plot(t, [p["running"] for p in tl], label="running")
-    axes[1].plot(t, [p["waiting"] for p in tl], label="waiting")
+    axes[1].plot(t, [p["running"] for p in tl], label="running", drawstyle="steps-post")
+    axes[1].plot(t, [p["waiting"] for p in tl], label="waiting", drawstyle="steps-post")
     axes[1].set_ylabel("requests")
     axes[1].legend()
     gib = float(1 << 30)
-    axes[2].plot(t, [p["reserved_bytes"] / gib for p in tl], label="reserved (virtual, running slots)")
-    axes[2].plot(t, [p["mapped_bytes"] / gib for p in tl], label="mapped (physical pages)")
-    axes[2].plot(t, [p["token_bytes"] / gib for p in tl], label="KV the tokens need")
+    # what the pages cost next to what the tokens need; the reserved address space is orders of
+    # magnitude larger, so it gets its own panel rather than flattening these two lines. Each point
+    # is the state after a step, held until the next one (steps, not slopes)
+    axes[2].plot(t, [p["mapped_bytes"] / gib for p in tl], label="mapped (physical pages)", drawstyle="steps-post")
+    axes[2].plot(t, [p["token_bytes"] / gib for p in tl], label="KV the tokens need", drawstyle="steps-post")
     axes[2].set_ylabel("KV memory (GiB)")
-    axes[2].set_xlabel("seconds")
     axes[2].legend()
+    axes[3].plot(t, [p["reserved_bytes"] / gib for p in tl], color="tab:gray", drawstyle="steps-post")
+    axes[3].set_ylabel("reserved virtual\n(running slots, GiB)")
+    axes[3].set_xlabel("seconds since the requests were queued")
+    axes[3].set_xlim(0, t[-1])
     fig.suptitle(f"glake bench: {res.num_requests} requests, {res.total_tokens_per_s:.0f} total tokens/s")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

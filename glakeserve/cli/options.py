@@ -20,9 +20,14 @@ KVMemory = Annotated[Optional[str], typer.Option(
     help="KV cache size: bytes (e.g. 2GiB, 512MiB) or a fraction of free memory (e.g. 0.5).")]
 KVMaxMemory = Annotated[Optional[str], typer.Option(
     help="How far the KV pool may grow when short (it starts at --kv-cache-memory): bytes or a fraction.")]
-LoadFormat = Annotated[str, typer.Option(help="auto, or dummy for random weights of a named shape.")]
-KVLayout = Annotated[str, typer.Option(help="token-major, page-major or per-layer (vTensor layouts), or paged (the "
-                                             "block-table baseline); benchmarks/RESULTS.md compares them.")]
+LoadFormat = Annotated[str, typer.Option(
+    help="auto (dense weights), gguf (run a GGUF's own 4-bit/8-bit tensors; CPU only), or dummy for random "
+         "weights of a named shape.")]
+KVLayout = Annotated[str, typer.Option(
+    help="token-major (one virtual range per request holds every layer's K and V: at most one partly used page a "
+         "request), page-major (the same, a page's tokens stored layer by layer), per-layer (a vTensor per layer "
+         "and K/V: a view per layer is contiguous), or paged (the block-table baseline, for comparison); "
+         "benchmarks/RESULTS.md compares them.")]
 Seed = Annotated[int, typer.Option(help="Seed for requests that bring none.")]
 NoPrefixCaching = Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")]
 
@@ -31,7 +36,8 @@ UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, 
 
 
 def parse_memory(text: str | None, option: str = "--kv-cache-memory") -> float | None:
-    """'2GiB' -> bytes; '0.5' -> a fraction of free memory; None -> the default."""
+    """'2GiB' -> bytes; '0.5' -> a fraction of free memory; None -> the default. A bad value is
+    blamed on `option`, the flag it came from."""
     if text is None:
         return None
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)

@@ -76,8 +76,15 @@ class Linear:
         return F.linear(x, self.weight)
 
 
+def as_linear(w):
+    """A dense weight tensor becomes a Linear; a quantized layer (model/quant.py) is one already."""
+    return Linear(w) if isinstance(w, torch.Tensor) else w
+
+
 @dataclass
 class LayerWeights:
+    """Each matrix is a dense tensor or a quantized layer of that shape (load_format gguf)."""
+
     input_norm: torch.Tensor  # [hidden]
     qkv: torch.Tensor  # [(H + 2 * KVH) * D, hidden]
     o: torch.Tensor  # [hidden, H * D]
@@ -89,17 +96,19 @@ class LayerWeights:
 class Layer:
     def __init__(self, w: LayerWeights):
         self.input_norm, self.post_norm = w.input_norm, w.post_norm
-        self.qkv, self.o, self.gate_up, self.down = Linear(w.qkv), Linear(w.o), Linear(w.gate_up), Linear(w.down)
+        self.qkv, self.o, self.gate_up, self.down = (as_linear(w.qkv), as_linear(w.o), as_linear(w.gate_up),
+                                                     as_linear(w.down))
 
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights], norm: torch.Tensor,
-                 lm_head: torch.Tensor | None, max_positions: int):
+                 lm_head, max_positions: int):
+        """lm_head: a dense [vocab, hidden] tensor, a quantized layer, or None (tied to embed)."""
         self.cfg = cfg
         self.embed = embed  # [vocab, hidden]
         self.layers = [Layer(w) for w in layers]
         self.norm = norm
-        self.lm_head = Linear(embed if lm_head is None else lm_head)  # tied when None
+        self.lm_head = as_linear(embed if lm_head is None else lm_head)
         self.dtype = embed.dtype
         self.device = embed.device
         self.rotary = RotaryEmbedding(cfg, max_positions, self.device)

@@ -65,6 +65,7 @@ class ModelSource:
     path: Path | None  # HF-style directory with config.json (None for dummy)
     dummy_config: ModelConfig | None = None
     tokenizer_path: Path | None = None
+    gguf: Path | None = None  # load_format gguf: run this file's quantized tensors as they are (model/quant.py)
 
 
 def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
@@ -73,6 +74,8 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
     spec = (model or DEFAULT_MODEL).strip()
     if load_format not in ("auto", "dummy", "safetensors", "gguf"):
         raise ValueError(f"load_format must be one of auto, dummy, safetensors, gguf; got {load_format!r}")
+    if load_format == "gguf":
+        return _quantized_gguf_source(spec)
     if load_format == "dummy":
         if spec.lower() in DUMMY_SHAPES:
             return ModelSource(spec.lower(), None, DUMMY_SHAPES[spec.lower()], _default_tokenizer_dir())
@@ -105,6 +108,47 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
         f"({_hf_cache_root()}); leave --model out for the embedded SmolLM2-135M-Instruct; for benchmarks "
         f"without weights use --load-format dummy with one of: {', '.join(DUMMY_SHAPES)}"
     )
+
+
+def _quantized_gguf_source(spec: str) -> ModelSource:
+    """load_format gguf: the GGUF's Q4_1 and Q8_0 tensors run quantized on the CPU, as llama.cpp
+    runs them; the rest (norms, embeddings looked up by row) from the converted dense copy."""
+    p = Path(spec).expanduser()
+    if spec.lower() in DEFAULT_ALIASES:
+        gguf, name = default_gguf_path(), "SmolLM2-135M-Instruct"
+    elif p.is_file() and p.suffix == ".gguf":
+        gguf, name = p, p.stem
+    else:
+        raise ModelNotFoundError(f"load_format gguf runs a .gguf file's quantized weights as they are stored; "
+                                 f"{spec!r} is not a .gguf file here: use load_format auto for it")
+    path = converted_gguf_dir(gguf)
+    return ModelSource(f"{name} ({gguf_weight_kinds(gguf)})", path, tokenizer_path=path, gguf=gguf)
+
+
+def gguf_tensor_types(gguf: Path) -> dict[str, str]:
+    """HF tensor name -> the GGUF's type of it (F32, Q4_1, Q8_0, ...). Read from the file once and
+    kept beside its converted copy (parsing a GGUF takes seconds)."""
+    import json
+
+    cached = converted_gguf_dir(gguf) / "gguf_tensor_types.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    from gguf import GGUFReader
+
+    from glakeserve.model.gguf_convert import hf_name
+
+    types = {hf_name(t.name): t.tensor_type.name for t in GGUFReader(str(gguf)).tensors}
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(types, indent=0))
+    tmp.replace(cached)  # atomic: a concurrent start reads the whole file or none
+    return types
+
+
+def gguf_weight_kinds(gguf: Path) -> str:
+    """'Q4_1' for a file whose layer matrices are Q4_1 (what a model name carries, llama.cpp's way)."""
+    kinds = sorted({t for n, t in gguf_tensor_types(gguf).items() if n.startswith("model.layers.") and
+                    not n.endswith("layernorm.weight")})
+    return "+".join(kinds) or "dense"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
@@ -221,12 +265,54 @@ def dummy_weights(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, ma
     return LlamaModel(cfg, embed, layers, ones(h), lm_head, max_positions)
 
 
+def quantize_as_gguf(model: LlamaModel, gguf: Path) -> LlamaModel:
+    """Replaces the dense matrices whose GGUF tensors are Q4_1 (every part of a fused matrix) by
+    Int4Linear, and the output projection of a Q8_0 (or Q4_1) file by an int8 one whose best
+    logits are recomputed exactly (RescoredHead); the rest stays dense. Re-quantizing recovers the file's Q4_1 codes exactly (Int4Linear.from_dense checks)."""
+    from glakeserve.model.quant import Int4Linear, RescoredHead
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    types = gguf_tensor_types(gguf)
+    parts = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+             "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+    cache = converted_gguf_dir(gguf) / "int4_codes.safetensors"  # re-quantizing takes seconds: once per file
+    try:
+        codes = load_file(str(cache)) if cache.exists() else {}
+    except (SafetensorError, OSError):
+        codes = {}  # a damaged cache is rebuilt
+    fresh = not codes
+    for i, layer in enumerate(model.layers):
+        for attr, names in parts.items():
+            if not all(types.get(f"model.layers.{i}.{n}.weight") == "Q4_1" for n in names):
+                continue
+            key = f"{i}.{attr}"
+            if f"{key}.codes" not in codes:
+                q, scales, mins = Int4Linear.quantize(getattr(layer, attr).weight)
+                codes.update({f"{key}.codes": q, f"{key}.scales": scales, f"{key}.mins": mins})
+            setattr(layer, attr, Int4Linear(codes[f"{key}.codes"], codes[f"{key}.scales"], codes[f"{key}.mins"]))
+    if fresh and codes:
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        save_file(codes, str(tmp))
+        tmp.replace(cache)
+    head = types.get("lm_head.weight", types.get("model.embed_tokens.weight"))
+    if head in ("Q8_0", "Q4_1"):
+        model.lm_head = RescoredHead(model.lm_head.weight)
+    return model
+
+
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int,
                seed: int = 0) -> LlamaModel:
     if source.dummy_config is not None:
         return dummy_weights(source.dummy_config, dtype, device, max_positions, seed)
+    if source.gguf is not None:
+        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError("load_format gguf runs the file's 4-bit and 8-bit tensors with torch's CPU kernels: "
+                             "use it with device cpu and dtype float32 or bfloat16, or load_format auto")
     cfg = config_from_hf(source.path / "config.json")
-    return load_hf_weights(source.path, cfg, dtype, device, max_positions)
+    model = load_hf_weights(source.path, cfg, dtype, device, max_positions)
+    return quantize_as_gguf(model, source.gguf) if source.gguf is not None else model
 
 
 def model_config(source: ModelSource) -> ModelConfig:
