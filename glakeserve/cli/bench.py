@@ -96,19 +96,10 @@ def run_glake(llm, reqs: list[BenchRequest], console: Console) -> BenchResult:
                     tpot = out.metrics.tpot(out.num_output_tokens)
                     if tpot is not None:
                         res.tpot.append(tpot)
-            if not res.timeline or time.monotonic() - t0 - res.timeline[-1]["t"] >= TIMELINE_INTERVAL:
-                s = engine.stats()
-                res.peak_batch = max(res.peak_batch, s["running"])
-                kv = s["kv_pages"]
-                res.timeline.append({
-                    "t": time.monotonic() - t0,
-                    "generated": s["generation_tokens"],
-                    "running": s["running"],
-                    "waiting": s["waiting"],
-                    "mapped_bytes": (kv["total"] - kv["free"]) * page,
-                    "reserved_bytes": s["running"] * reserved_per_slot * page,
-                    "token_bytes": s["running_tokens"] * bytes_per_token,
-                })
+            # every step at first (short runs), then every TIMELINE_INTERVAL s (stats() is not free)
+            if len(res.timeline) < 32 or time.monotonic() - t0 - res.timeline[-1]["t"] >= TIMELINE_INTERVAL:
+                res.timeline.append(_sample(engine.stats(), t0, page, reserved_per_slot, bytes_per_token))
+    res.timeline.append(_sample(engine.stats(), t0, page, reserved_per_slot, bytes_per_token))  # the end
     res.elapsed = time.monotonic() - t0
     stats = engine.stats()
     res.pages_mapped = stats["pool"]["pages_mapped"] - mapped_before
@@ -117,6 +108,14 @@ def run_glake(llm, reqs: list[BenchRequest], console: Console) -> BenchResult:
     res.engine_driver_calls = stats["engine_driver_calls"]
     res.peak_batch = max(res.peak_batch, max((p["running"] for p in res.timeline), default=0))
     return res
+
+
+def _sample(s: dict, t0: float, page: int, reserved_per_slot: int, bytes_per_token: int) -> dict:
+    """One point of the timeline from engine.stats()."""
+    kv = s["kv_pages"]
+    return {"t": time.monotonic() - t0, "generated": s["generation_tokens"], "running": s["running"],
+            "waiting": s["waiting"], "mapped_bytes": (kv["total"] - kv["free"]) * page,
+            "reserved_bytes": s["running"] * reserved_per_slot * page, "token_bytes": s["running_tokens"] * bytes_per_token}
 
 
 def run_hf(model, reqs: list[BenchRequest], batch_size: int, pad_id: int, console: Console) -> BenchResult:
