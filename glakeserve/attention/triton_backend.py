@@ -26,15 +26,19 @@ class TritonBackend(AttentionBackend):
         return 1 << (want - 1).bit_length()
 
     def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, padding_slot: int) -> None:
-        """The extend kernel's tile height follows a step's longest query (16 to 128 rows): compile
-        each now, on one query over the padding slot's first token, not on a user's first request."""
+        """The extend kernel's tile height follows a step's longest query (16 to 128 rows), and Triton
+        specializes pointers on 16-byte alignment: a mixed step passes its metadata from the first
+        non-decode row on, 8-byte aligned after an odd number of decode rows. Compile each variant
+        now, on one query over the padding slot's first token, not on a user's request."""
         dev = k_cache.device
         q = torch.zeros(1, heads, k_cache.shape[-1], dtype=k_cache.dtype, device=dev)
-        one = torch.ones(1, dtype=torch.int64, device=dev)
-        slot = torch.full((1,), padding_slot, dtype=torch.int64, device=dev)
-        starts = torch.tensor([0, 1], dtype=torch.int64, device=dev)
-        for longest in (16, 32, 64, 128):
-            ops.extend_attention(q, k_cache, v_cache, slot, starts, one, one, longest)
+        i64 = dict(dtype=torch.int64, device=dev)
+        for skip in (0, 1):  # metadata starting at an aligned element, then at an odd one
+            slot = torch.full((1 + skip,), padding_slot, **i64)[skip:]
+            one = torch.ones(1 + skip, **i64)[skip:]
+            starts = torch.tensor([0] * skip + [0, 1], **i64)[skip:]
+            for longest in (16, 32, 64, 128):
+                ops.extend_attention(q, k_cache, v_cache, slot, starts, one, one, longest)
 
     def store_kv(self, k_cache, v_cache, k, v, meta: AttentionMetadata) -> None:
         ops.store_kv(k, v, k_cache, v_cache, meta.token_slots, meta.positions, block_table=meta.block_table)
