@@ -4,6 +4,7 @@ equal a run without caching whatever the traffic (shared prefixes around block b
 multi-turn follow-ups, aborts, preemption under a tight pool, limit changes), and the books must
 balance after every step (check_integrity compares them with the allocator)."""
 
+import os
 import random
 
 import pytest
@@ -108,13 +109,14 @@ def test_reusing_an_alias_source_never_changes_the_other_holder():
 def test_outputs_equal_with_and_without_caching_under_random_traffic(layout):
     """Shared stems cut at every offset, follow-up turns, aborts, a pool tight enough to reclaim
     and preempt, and a limit change mid-run: same outputs, books balanced after every step."""
-    seed = random.randrange(1 << 30)
+    seed = int(os.environ.get("GLAKE_TEST_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
     stems = [[rng.randrange(10, 1000) for _ in range(rng.randrange(4, 40))] for _ in range(4)]
     plan = []  # (arrival step, prompt | (index of an earlier request, new tail), max_tokens, abort step)
     for i in range(24):
-        if plan and rng.random() < 0.3:
-            prompt = (rng.randrange(len(plan)), [rng.randrange(10, 1000) for _ in range(rng.randrange(1, 6))])
+        kept = [j for j, p in enumerate(plan) if p[3] is None]  # a follow-up continues a request never aborted
+        if kept and rng.random() < 0.3:
+            prompt = (rng.choice(kept), [rng.randrange(10, 1000) for _ in range(rng.randrange(1, 6))])
         else:
             stem = rng.choice(stems)
             prompt = stem[:rng.randrange(1, len(stem) + 1)] + [rng.randrange(10, 1000) for _ in range(rng.randrange(9))]
@@ -122,25 +124,27 @@ def test_outputs_equal_with_and_without_caching_under_random_traffic(layout):
         plan.append((at, prompt, rng.randrange(1, 9), at + rng.randrange(1, 6) if rng.random() < 0.15 else None))
 
     def serve(eng):
-        prompts, outs, ids, step = {}, {}, {}, 0  # outs[i]: output tokens, or None (aborted, or skipped)
+        # outs[i]: output tokens, or None for a request planned to be aborted: whether it finishes
+        # before its abort step depends on scheduling, which the tight pool changes, so it is not compared.
+        # A follow-up arrives once its earlier turn is done, however long that took.
+        prompts, outs, ids, step = {}, {}, {}, 0
         while len(outs) < len(plan):
             for i, (at, prompt, n, abort_at) in enumerate(plan):
-                if at == step:
-                    if isinstance(prompt, tuple):  # a follow-up turn of an earlier request, once it is done
+                if at <= step and i not in ids:
+                    if isinstance(prompt, tuple):
                         base, tail = prompt
-                        if outs.get(base) is None:
-                            outs[i] = None
+                        if base not in outs:
                             continue
                         prompt = prompts[base] + outs[base] + tail
                     prompts[i] = prompt[:100]
                     ids[i] = eng.add_request(prompts[i], SamplingParams(max_tokens=n, **GREEDY))
-                if abort_at == step and i in ids and i not in outs:
+                if abort_at is not None and abort_at <= step and i in ids and i not in outs:
                     eng.abort_request(ids[i])
                     outs[i] = None
             for o in eng.step():
                 i = next(j for j, r in ids.items() if r == o.request_id)
                 if o.finished and i not in outs:
-                    outs[i] = list(o.token_ids)
+                    outs[i] = list(o.token_ids) if plan[i][3] is None else None
             if step == 20:  # the pool may not grow past its size now, and gives back free pages
                 eng.set_kv_limit(eng.kv.min_pages * eng.kv.pool.page_size + 20 * eng.kv.pages_per_block * 4096)
             step += 1
