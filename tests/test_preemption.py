@@ -43,3 +43,22 @@ def test_outputs_survive_preemption(layout, temperature):
     tight, stats = run(layout, GEOMETRY[layout][1], params)
     assert stats["preemptions"] > 0, stats
     assert tight == free
+
+
+@pytest.mark.parametrize("layout", ["token-major", "per-layer"])
+def test_pages_mapped_ahead_do_not_keep_a_waiting_request_out(layout):
+    """A running request's pages mapped lookahead_tokens ahead come after the prompt of the next
+    admission: a pool with room for two prompts runs two requests at once, not one after another."""
+    per_block = 4 if layout == "per-layer" else 1  # tiny-llama: 1 KiB a token, 4 KiB pages
+    eng = LLMEngine(EngineConfig(model="tiny-llama", load_format="dummy", max_model_len=128, max_num_seqs=4,
+                                 max_num_batched_tokens=24, page_size=4096, kv_cache_memory=34 * per_block * 4096,
+                                 kv_layout=layout, check_integrity=True))
+    assert eng.kv.lookahead_tokens >= 64  # alone, the first request's lookahead would take the pool
+    for i in range(3):
+        eng.add_request([10 + 7 * i + j for j in range(60)], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    most = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        most = max(most, len(eng.scheduler.running))
+    eng.close()
+    assert most >= 2

@@ -299,25 +299,31 @@ class VTensorKVCache(KVCache):
             self.books.wait_ready(req.slot.index, self.blocks_for(req.num_computed_tokens))
 
     def end_step(self, batch, event: torch.cuda.Event | None) -> None:
-        """Remembers the step's event (unmaps of the slots it touches wait for it), indexes the prompt blocks the step
-        computed (so requests admitted next step can share them), and maps ahead on the worker the
-        blocks the running requests' next tokens will need, as far as free pages allow."""
+        """Remembers the step's event (unmaps of the slots it touches wait for it), indexes the prompt
+        blocks the step computed (so requests admitted next step can share them), and maps ahead on the
+        worker, as far as free pages allow and in this order: the blocks the running requests' next
+        token needs, the prompts of the next admissions (on idle slots picked for them), then
+        lookahead_tokens more for each running request (mapped ahead first, they would take the pages
+        a waiting request needs to be admitted, and a small pool would run one request at a time)."""
         if event is not None:
             self._in_flight.append((self.steps, event))
         free = self.books.free_pages()
+        planned: dict[int, int] = {}  # slot -> blocks it will have
         wanted = []
-        for req in batch.requests:
-            slot = req.slot
-            if slot is None:  # finished, preempted or aborted meanwhile
-                continue
-            prompt = len(req.prompt_token_ids)
-            if req.num_computed_tokens <= prompt:
-                self._index(slot, req.prompt_token_ids[:req.num_computed_tokens])
-            need = min(self.blocks_for(req.num_tokens + self.lookahead_tokens), self.blocks_per_slot)
-            extra = (need - len(self.books.blocks[slot.index])) * self.pages_per_block
+
+        def plan(slot: int, need: int) -> None:
+            nonlocal free
+            extra = (need - planned.get(slot, len(self.books.blocks[slot]))) * self.pages_per_block
             if 0 < extra <= free:
                 free -= extra
-                wanted.append((slot.index, need))
+                planned[slot] = need
+                wanted.append((slot, need))
+
+        running = [r for r in batch.requests if r.slot is not None]  # (None: finished, preempted or aborted meanwhile)
+        for req in running:
+            if req.num_computed_tokens <= len(req.prompt_token_ids):
+                self._index(req.slot, req.prompt_token_ids[:req.num_computed_tokens])
+            plan(req.slot.index, min(self.blocks_for(req.num_tokens + 1), self.blocks_per_slot))
         upcoming = {r.request_id for r in batch.upcoming}
         self.prepared = {r: i for r, i in self.prepared.items() if r in upcoming}  # others left the queue
         for req in batch.upcoming:  # the idle slot each next admission will take, mapped for its prompt
@@ -328,11 +334,9 @@ class VTensorKVCache(KVCache):
                 continue
             slot = self._pick_idle(self.blocks_for(req.num_tokens))
             self.prepared[req.request_id] = slot.index
-            need = self.blocks_for(req.num_tokens)
-            extra = (need - len(self.books.blocks[slot.index])) * self.pages_per_block
-            if 0 < extra <= free:
-                free -= extra
-                wanted.append((slot.index, need))
+            plan(slot.index, self.blocks_for(req.num_tokens))
+        for req in running:
+            plan(req.slot.index, min(self.blocks_for(req.num_tokens + self.lookahead_tokens), self.blocks_per_slot))
         self.books.map(wanted)
 
     # ----- the pool's life --------------------------------------------------------------------
