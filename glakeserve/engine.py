@@ -169,6 +169,9 @@ class LLMEngine:
             out_of_vocab = [t for t in params.stop_token_ids if t >= vocab]
             if out_of_vocab:
                 raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {out_of_vocab[:5]}")
+            out_of_vocab = [t for t in params.logit_bias if t >= vocab]
+            if out_of_vocab:
+                raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}), got {out_of_vocab[:5]}")
         return text, ids
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -300,6 +303,7 @@ class LLMEngine:
             text=req.text, token_ids=list(req.output_token_ids), finished=req.finished,
             finish_reason=req.finish_reason, stop_reason=req.stop_reason, delta_text=delta_text,
             delta_token_ids=delta_ids, metrics=req.metrics, num_preemptions=req.num_preemptions, error=req.error,
+            num_cached_tokens=req.num_cached_tokens,
         )
 
     # ----- inspection -------------------------------------------------------------------------

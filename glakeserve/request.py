@@ -56,6 +56,7 @@ class Request:
     stop_reason: str | int | None = None
     error: str | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served at the first admission
     # incremental detokenization
     text: str = ""
     emitted: int = 0  # characters of text already returned as deltas
@@ -109,6 +110,7 @@ class RequestOutput:
     metrics: RequestMetrics
     num_preemptions: int = 0
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -35,12 +35,14 @@ class SamplingParams:
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         self.validate()
 
     def validate(self) -> None:
@@ -75,6 +77,11 @@ class SamplingParams:
             fail(f"stop must be non-empty strings, got {self.stop!r}.")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             fail(f"stop_token_ids must be non-negative token ids, got {self.stop_token_ids!r}.")
+        for t, v in self.logit_bias.items():
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                fail(f"logit_bias keys must be non-negative token ids, got {t!r}.")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100.0 <= v <= 100.0:
+                fail(f"logit_bias values must be numbers in [-100, 100], got {v!r} for token {t}.")
 
     @property
     def greedy(self) -> bool:
@@ -155,6 +162,17 @@ def _apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> None:
         logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
 
 
+def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams], to_device) -> None:
+    """Adds each request's sparse bias to its row, in one scatter on the logits' device."""
+    rows, cols, values = [], [], []
+    for i, p in enumerate(params):
+        rows += [i] * len(p.logit_bias)
+        cols += p.logit_bias.keys()
+        values += p.logit_bias.values()
+    logits.index_put_((to_device(rows, torch.int64), to_device(cols, torch.int64)),
+                      to_device(values, torch.float32), accumulate=True)
+
+
 def _filter(logits: torch.Tensor, params: list[SamplingParams], to_device) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p on the tempered distribution; -inf where a token is
     cut. Greedy rows are left untempered (their argmax survives every cut)."""
@@ -189,15 +207,18 @@ def needs_filter(p: SamplingParams) -> bool:
 def sample(logits: torch.Tensor, b: SamplingBatch, to_device=None) -> torch.Tensor:
     """logits [batch, vocab] float32 -> token ids [batch] (int64, on the logits' device).
     to_device(values, dtype) makes the small per-request tensors (the GPU runner stages them so
-    that nothing waits); by default, torch.tensor. A batch with no penalties, bans, top-k, top-p or
-    min-p takes one pass over its logits; the others are filtered first."""
+    that nothing waits); by default, torch.tensor. A batch with no logit bias, penalties, bans, top-k, top-p or
+    min-p takes one pass over its logits; the others are filtered first. Order: logit bias,
+    penalties, bans (min_tokens), then temperature and the cuts."""
     dev = logits.device
     if to_device is None:
         def to_device(values, dtype):
             return torch.tensor(values, dtype=dtype, device=dev)
 
-    if any(p.uses_penalties for p in b.params) or any(b.banned):
+    if any(p.uses_penalties or p.logit_bias for p in b.params) or any(b.banned):
         logits = logits.clone()
+        if any(p.logit_bias for p in b.params):
+            _apply_logit_bias(logits, b.params, to_device)
         if any(p.uses_penalties for p in b.params):
             _apply_penalties(logits, b)
         for i, banned in enumerate(b.banned):

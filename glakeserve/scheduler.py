@@ -96,6 +96,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.monotonic()
+                req.num_cached_tokens = req.num_computed_tokens  # what admission found in the prefix cache
             self.running.append(req)
             self._add(batch, req, n)
             budget -= n

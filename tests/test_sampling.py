@@ -26,6 +26,9 @@ BAD = [
     (dict(seed=-1), r"seed must be in \[0, 2\*\*63\), got -1"),
     (dict(stop=[""]), r"stop must be non-empty strings"),
     (dict(stop_token_ids=[-4]), r"stop_token_ids must be non-negative token ids"),
+    (dict(logit_bias={3: 100.5}), r"logit_bias values must be numbers in \[-100, 100\], got 100.5 for token 3"),
+    (dict(logit_bias={-1: 1.0}), r"logit_bias keys must be non-negative token ids, got -1"),
+    (dict(logit_bias={"7": 1.0}), r"logit_bias keys must be non-negative token ids, got '7'"),
 ]
 
 
@@ -237,3 +240,27 @@ def test_streaming_deltas_add_up_and_closing_aborts(smol_llm):
     stream.close()
     assert not smol_llm.engine.has_unfinished_requests()
     assert smol_llm.engine.stats()["kv_pages"]["requests"] == 0  # its pages are nobody's at once
+
+
+def test_logit_bias_moves_the_biased_tokens_only():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40)
+    top = logits.argmax(dim=-1)
+    other = (int(top[2]) + 1) % 40
+    params = [SamplingParams(temperature=0, logit_bias={5: 100.0}), SamplingParams(temperature=0),
+              SamplingParams(temperature=0, logit_bias={int(top[2]): -100.0, other: 0.5})]
+    out = sample(logits.clone(), batch(params, 40))
+    assert out[0] == 5 and out[1] == top[1]  # the unbiased row of the same batch is untouched
+    expected = logits[2].clone()
+    expected[top[2]] -= 100
+    expected[other] += 0.5
+    assert out[2] == expected.argmax()
+    # sampled rows see it too: a bias of -100 on all but one token leaves that one
+    hot = SamplingParams(temperature=1.0, logit_bias={t: -100.0 for t in range(40) if t != 17})
+    assert set(sample(torch.zeros(8, 40), batch([hot] * 8, 40, steps=list(range(8)))).tolist()) == {17}
+
+
+def test_logit_bias_out_of_the_vocabulary_is_refused(smol_llm):
+    vocab = smol_llm.engine.model_config.vocab_size
+    with pytest.raises(ValueError, match=rf"logit_bias keys must be token ids in \[0, {vocab}\), got \[{vocab}\]"):
+        smol_llm.generate([[1, 2, 3]], SamplingParams(logit_bias={vocab: 5.0}))

@@ -156,6 +156,13 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": started,
                                             "owned_by": "glakeserve", "max_model_len": engine.engine.max_model_len}]}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != name:
+            shown = f"`{model_id}`" if len(model_id) <= 200 else P.short(model_id)
+            raise ApiError(404, f"The model {shown} does not exist. This server serves `{name}`.", param="model")
+        return (await models())["data"][0]
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await read_body(request, P.CHAT_FIELDS, "/v1/chat/completions")
@@ -163,6 +170,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         messages = P.chat_messages(body)
         params = P.sampling_params(body, default_max_tokens=None, vocab_size=vocab)
         ids = await encoder.encode(messages, params, "messages")
+        P.check_room(len(ids), params, body, engine.engine.max_model_len)
         rid = P.new_id("chatcmpl")
         gen = start(ids, params, rid, stream)
         if not stream:
@@ -186,7 +194,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                 yield stream_error(request.scope[REQUEST_ID], e)
             if include_usage and last is not None:
                 yield sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
-                           "choices": [], "usage": P.usage(last.num_prompt_tokens, last.num_output_tokens)})
+                           "choices": [], "usage": P.usage(last.num_prompt_tokens, last.num_output_tokens,
+                                                           last.num_cached_tokens)})
             yield sse("[DONE]")
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
@@ -198,6 +207,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         prompts = P.completion_prompts(body)
         params = P.sampling_params(body, default_max_tokens=16, vocab_size=vocab)
         ids = [await encoder.encode(p, params, "prompt") for p in prompts]
+        for i in ids:
+            P.check_room(len(i), params, body, engine.engine.max_model_len)
         rid = P.new_id("cmpl")
         gens = [start(i, params, f"{rid}-{n}", stream) for n, i in enumerate(ids)]
         if not stream:
@@ -219,7 +230,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                 queue.put_nowait((index, None))
 
             tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
-            live, prompt_tokens, completion_tokens = len(gens), 0, 0
+            live, prompt_tokens, completion_tokens, cached_tokens = len(gens), 0, 0, 0
             try:
                 while live:
                     index, out = await queue.get()
@@ -231,6 +242,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                         if out.finished:
                             prompt_tokens += out.num_prompt_tokens
                             completion_tokens += out.num_output_tokens
+                            cached_tokens += out.num_cached_tokens
                         if out.delta_text or out.finished:
                             yield sse(P.completion_chunk(rid, name, index, out.delta_text, P.finish_reason(out)))
             finally:  # the client went away (or a bug): no await here, the task is being cancelled
@@ -238,7 +250,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                     t.cancel()
             if include_usage:
                 yield sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-                           "choices": [], "usage": P.usage(prompt_tokens, completion_tokens)})
+                           "choices": [], "usage": P.usage(prompt_tokens, completion_tokens, cached_tokens)})
             yield sse("[DONE]")
 
         return StreamingResponse(chunks(), media_type="text/event-stream")

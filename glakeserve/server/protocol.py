@@ -92,7 +92,6 @@ UNSUPPORTED = {
     "best_of": ("best_of is not supported", (None, 1)),
     "echo": ("echo is not supported", (None, False)),
     "suffix": ("suffix is not supported", (None, "")),
-    "logit_bias": ("logit_bias is not supported", (None, {})),
     "response_format": ("response_format other than text is not supported", (None, {"type": "text"})),
 }
 
@@ -102,7 +101,7 @@ NUMERIC = {
     "top_k": int, "min_p": float, "repetition_penalty": float, "min_tokens": int, "seed": int, "n": int,
 }
 BOOLEAN = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
-COMMON = {"model", "stream", "stream_options", "max_tokens", "stop", "stop_token_ids", "user",
+COMMON = {"model", "stream", "stream_options", "max_tokens", "stop", "stop_token_ids", "user", "logit_bias",
           "parallel_tool_calls", *NUMERIC, *BOOLEAN, *UNSUPPORTED}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
@@ -116,8 +115,11 @@ def check_fields(body: dict, known: set[str], endpoint: str) -> None:
                                 f"(the README's serve section lists the accepted ones)", param=key[:100])
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise ApiError(400, f"user must be a string, got {short(body['user'])}", param="user")
-    if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
-        raise ApiError(400, "parallel_tool_calls must be true or false", param="parallel_tool_calls")
+    if body.get("parallel_tool_calls") is not None:
+        if not isinstance(body["parallel_tool_calls"], bool):
+            raise ApiError(400, "parallel_tool_calls must be true or false", param="parallel_tool_calls")
+        if not body.get("tools"):
+            raise ApiError(400, "parallel_tool_calls is only allowed when tools are given", param="parallel_tool_calls")
 
 
 def _number(key: str, value, kind: type):
@@ -169,6 +171,8 @@ def sampling_params(body: dict, default_max_tokens: int | None, vocab_size: int)
             raise ApiError(400, f"stop_token_ids must be a list of token ids in [0, {vocab_size}), got {short(ids)}",
                            param="stop_token_ids")
         kwargs["stop_token_ids"] = ids
+    if body.get("logit_bias") is not None:
+        kwargs["logit_bias"] = logit_bias(body["logit_bias"], vocab_size)
     if kwargs.get("top_k", 0) > vocab_size:
         raise ApiError(400, f"top_k must be at most the vocabulary size ({vocab_size}), got {kwargs['top_k']}; "
                             f"use 0 or -1 to turn top-k off", param="top_k")
@@ -179,6 +183,34 @@ def sampling_params(body: dict, default_max_tokens: int | None, vocab_size: int)
     except ValueError as e:
         param = str(e).split(" ", 1)[0]
         raise ApiError(400, str(e), param=param if param in kwargs else None) from None
+
+
+def check_room(num_prompt_tokens: int, params: SamplingParams, body: dict, max_model_len: int) -> None:
+    """The prompt and the asked-for output must fit the context together (as OpenAI and vLLM answer)."""
+    if params.max_tokens is not None and num_prompt_tokens + params.max_tokens > max_model_len:
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        asked = f"{key}={params.max_tokens}" if body.get(key) is not None else f"the default {key} of {params.max_tokens}"
+        raise ApiError(400, f"this model's maximum context length is {max_model_len} tokens, but the prompt has "
+                            f"{num_prompt_tokens} tokens and {asked} asks for {params.max_tokens} more "
+                            f"({num_prompt_tokens + params.max_tokens} in all); lower {key} or shorten the prompt",
+                       param=key)
+
+
+def logit_bias(value, vocab_size: int) -> dict[int, float]:
+    """OpenAI's {"token id": bias} with biases in [-100, 100] -> {int: float}."""
+    if not isinstance(value, dict):
+        raise ApiError(400, f"logit_bias must be an object mapping token ids to biases, got {short(value)}",
+                       param="logit_bias")
+    out = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) < 20 and int(key) < vocab_size):
+            raise ApiError(400, f"logit_bias keys must be token ids in [0, {vocab_size}), got {short(key)}",
+                           param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ApiError(400, f"logit_bias values must be numbers in [-100, 100], got {short(bias)} for token "
+                                f"{key}", param="logit_bias")
+        out[int(key)] = float(bias)
+    return out
 
 
 def stream_flags(body: dict) -> tuple[bool, bool]:
@@ -257,9 +289,11 @@ def finish_reason(out: RequestOutput) -> str | None:
     return out.finish_reason if out.finish_reason in ("length", "timeout", "shutdown") else "stop"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """cached_tokens: prompt tokens the prefix cache served (their KV was not computed again)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def chat_response(rid: str, model: str, out: RequestOutput) -> dict:
@@ -267,7 +301,7 @@ def chat_response(rid: str, model: str, out: RequestOutput) -> dict:
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
                      "finish_reason": finish_reason(out), "stop_reason": out.stop_reason}],
-        "usage": usage(out.num_prompt_tokens, out.num_output_tokens),
+        "usage": usage(out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens),
     }
 
 
@@ -281,7 +315,8 @@ def completion_response(rid: str, model: str, outs: list[RequestOutput]) -> dict
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, "text": o.text, "logprobs": None, "finish_reason": finish_reason(o),
                      "stop_reason": o.stop_reason} for i, o in enumerate(outs)],
-        "usage": usage(sum(o.num_prompt_tokens for o in outs), sum(o.num_output_tokens for o in outs)),
+        "usage": usage(sum(o.num_prompt_tokens for o in outs), sum(o.num_output_tokens for o in outs),
+                       sum(o.num_cached_tokens for o in outs)),
     }
 
 

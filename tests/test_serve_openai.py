@@ -1,0 +1,169 @@
+"""The OpenAI API people actually use (issue 12), end to end through `glake serve` with the openai
+client and raw HTTP: what vLLM's benchmark client sends, fields honoured or refused by name, the
+context check, /v1/models/{id}, and cached-token usage."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from serve_helpers import Server
+
+KEY = "openai-key"
+MODEL = "SmolLM2-135M-Instruct"
+MAX_LEN = 512
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(["--max-model-len", str(MAX_LEN), "--max-num-seqs", "16", "--kv-cache-memory", "96MiB"],
+               tmp_path_factory.mktemp("serve") / "server.log", key=KEY).wait_ready()
+    yield s
+    assert s.stop() == 0, s.log()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=120) as c:
+        yield c
+
+
+def sse_events(r: httpx.Response) -> list[dict]:
+    """The data events of a streamed response, parsed the way vLLM's benchmark client does."""
+    events, done = [], False
+    for line in r.iter_lines():
+        line = line.strip()
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        payload = line.removeprefix("data: ")
+        if payload == "[DONE]":
+            done = True
+            continue
+        events.append(json.loads(payload))
+    assert done, events[-3:]
+    return events
+
+
+# ----- what vLLM's benchmark_serving sends ------------------------------------------------------
+def test_vllm_benchmark_serving_replay(server):
+    """The exact bodies of vLLM's benchmark client (backend_request_func.py): completions with
+    best_of 1 and logprobs null, chat with content parts, both streamed with usage."""
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    completion = {"model": MODEL, "prompt": "The history of the printing press", "temperature": 0.0,
+                  "best_of": 1, "max_tokens": 12, "logprobs": None, "stream": True,
+                  "stream_options": {"include_usage": True}, "ignore_eos": True}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "Tell me a story."}]}],
+            "temperature": 0.0, "max_completion_tokens": 12, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    for path, body, piece in (("/v1/completions", completion, lambda c: c["text"]),
+                              ("/v1/chat/completions", chat, lambda c: c["delta"].get("content") or "")):
+        with httpx.stream("POST", server.url + path, json=body, headers=headers, timeout=120) as r:
+            assert r.status_code == 200, r.read()
+            events = sse_events(r)
+        text = "".join(piece(e["choices"][0]) for e in events if e["choices"])
+        usage = events[-1]["usage"]
+        assert text and usage["completion_tokens"] == 12 and usage["prompt_tokens"] > 0, events[-1]
+
+
+# ----- fields: honoured or refused by name ------------------------------------------------------
+REFUSED = [  # (endpoint, fields, the name the 400 must carry)
+    ("chat", {"user": 7}, "user"),
+    ("chat", {"parallel_tool_calls": True}, "parallel_tool_calls"),
+    ("chat", {"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ("chat", {"tool_choice": "auto"}, "tool_choice"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat", {"logit_bias": [1, 2]}, "logit_bias"),
+    ("chat", {"logit_bias": {"49152": 1}}, "logit_bias"),
+    ("completions", {"logit_bias": {"12": 101}}, "logit_bias"),
+    ("completions", {"logit_bias": {"x": 1}}, "logit_bias"),
+    ("completions", {"best_of": True}, "best_of"),
+    ("completions", {"suffix": "end"}, "suffix"),
+    ("chat", {"response_format": {"type": "yaml"}}, "response_format"),
+    ("completions", {"logprobs": 6}, "logprobs"),
+]
+
+
+@pytest.mark.parametrize("endpoint,fields,name", REFUSED)
+def test_fields_are_honoured_or_refused_by_name(api, endpoint, fields, name):
+    body = {"model": MODEL, "max_tokens": 2}
+    if endpoint == "chat":
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": "hi"}]
+    else:
+        path, body["prompt"] = "/v1/completions", "hi"
+    r = api.post(path, json={**body, **fields})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert name in error["message"] and error["param"] == name, error
+
+
+def test_accepted_off_values_and_user(client):
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, best_of=1, logprobs=None, echo=False,
+                                  user="someone", extra_body={"logit_bias": {}})
+    assert r.usage.completion_tokens == 2
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       user="someone", tool_choice="none", response_format={"type": "text"},
+                                       logprobs=False)
+    assert r.usage.completion_tokens == 2
+
+
+def test_max_tokens_past_the_context_is_refused_with_the_numbers(client):
+    prompt = list(range(1000, 1400))  # 400 token ids
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=200)
+    message = e.value.body["message"]
+    assert f"maximum context length is {MAX_LEN}" in message and "400" in message and "200" in message
+    assert "600" in message and e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError, match="max_completion_tokens=200"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi " * 400}],
+                                       max_completion_tokens=200)
+    # a default that does not fit is refused too (completions default to 16 tokens)
+    with pytest.raises(openai.BadRequestError, match="the default max_tokens of 16"):
+        client.completions.create(model=MODEL, prompt=list(range(1000, 1000 + MAX_LEN - 8)))
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_LEN - 400)  # fits exactly
+    assert r.usage.prompt_tokens == 400
+
+
+def test_models_by_id(client, api):
+    assert client.models.retrieve(MODEL).id == MODEL
+    r = api.get("/v1/models/gpt-4")
+    assert r.status_code == 404 and "gpt-4" in r.json()["error"]["message"]
+    assert api.get("/v1/models/org/name").status_code == 404
+
+
+def test_cached_tokens_in_usage(client):
+    prompt = "A long and unusual preamble about lighthouses and their keepers. " * 20
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens, again.usage
+    chat = [{"role": "user", "content": prompt}]
+    client.chat.completions.create(model=MODEL, messages=chat, max_tokens=2)
+    streamed = list(client.chat.completions.create(model=MODEL, messages=chat, max_tokens=2, stream=True,
+                                                   stream_options={"include_usage": True}))
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_logit_bias_forces_a_token(client, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    token = tok.encode(" banana")[0]
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0,
+                                  logit_bias={str(token): 100})
+    assert r.choices[0].text == tok.decode([token] * 3)
+    plain = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0)
+    assert plain.choices[0].text != r.choices[0].text
+    banned = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0,
+                                       logit_bias={str(tok.encode(plain.choices[0].text)[0]): -100})
+    assert banned.choices[0].text != plain.choices[0].text
