@@ -245,8 +245,8 @@ class LLMEngine:
         return any(r.params.uses_penalties for r in self.scheduler.running)
 
     def _update(self, step: LaunchedStep) -> list[RequestOutput]:
-        tokens = self.runner.read(step)
-        got = self.scheduler.update(step.batch, tokens)
+        tokens, logprobs = self.runner.read(step)
+        got = self.scheduler.update(step.batch, tokens, logprobs)
         self.clock.lap("update")
         outputs = self._postprocess(got)
         self.clock.lap("postprocess")
@@ -298,12 +298,15 @@ class LLMEngine:
             upto = max(req.emitted, len(req.text) - hold)
             delta_text = req.text[req.emitted:upto]
             req.emitted = upto
+        wants_logprobs = req.params.logprobs is not None
         return RequestOutput(
             request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
             text=req.text, token_ids=list(req.output_token_ids), finished=req.finished,
             finish_reason=req.finish_reason, stop_reason=req.stop_reason, delta_text=delta_text,
             delta_token_ids=delta_ids, metrics=req.metrics, num_preemptions=req.num_preemptions, error=req.error,
             num_cached_tokens=req.num_cached_tokens,
+            logprobs=list(req.output_logprobs) if wants_logprobs and (req.finished or not req.stream) else None,
+            delta_logprobs=req.output_logprobs[len(req.output_logprobs) - len(delta_ids):] if wants_logprobs else None,
         )
 
     # ----- inspection -------------------------------------------------------------------------

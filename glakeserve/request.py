@@ -14,6 +14,15 @@ from enum import Enum
 from glakeserve.sampling import SamplingParams
 
 
+@dataclass
+class TokenLogprob:
+    """A sampled token's processed logprob and the top-k tokens' (SamplingParams.logprobs = k)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
 class RequestStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -48,6 +57,7 @@ class Request:
     prompt: str | None = None
     stream: bool = False  # outputs every step, with incremental text; else one output at the end
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if asked for
     num_computed_tokens: int = 0  # tokens whose KV is computed or being computed by a launched step
     num_pending: int = 0  # tokens sampled by launched steps whose ids have not been read yet
     status: RequestStatus = RequestStatus.WAITING
@@ -111,6 +121,8 @@ class RequestOutput:
     num_preemptions: int = 0
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when SamplingParams.logprobs is set
+    delta_logprobs: list[TokenLogprob] | None = None  # of delta_token_ids
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+MAX_LOGPROBS = 20  # top logprobs per token, at most (OpenAI's limit)
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -36,6 +39,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's)
+    logprobs: int | None = None  # the sampled token's logprob and the top N's (0-20); None: none
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -77,6 +81,9 @@ class SamplingParams:
             fail(f"stop must be non-empty strings, got {self.stop!r}.")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             fail(f"stop_token_ids must be non-negative token ids, got {self.stop_token_ids!r}.")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            fail(f"logprobs must be in [0, {MAX_LOGPROBS}] (top tokens besides the sampled one) or None, got "
+                 f"{self.logprobs}.")
         for t, v in self.logit_bias.items():
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 fail(f"logit_bias keys must be non-negative token ids, got {t!r}.")
@@ -204,17 +211,58 @@ def needs_filter(p: SamplingParams) -> bool:
     return p.temperature > 0 and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
 
 
+@dataclass
+class Sampled:
+    """What a sampling pass leaves on the device. Logprobs are *processed* ones (vLLM's term): the
+    log-softmax of the logits after logit bias, penalties, bans and temperature, before the top-k,
+    top-p and min-p cuts; they cover only the rows whose request asked for them."""
+
+    tokens: torch.Tensor  # [batch] int64
+    logprob_rows: list[int] = field(default_factory=list)  # batch rows with logprobs, in order
+    logprobs: torch.Tensor | None = None  # [rows, 1 + k] float32: the sampled token's, then the top k's
+    top_ids: torch.Tensor | None = None  # [rows, k] int64: the k most likely tokens, best first
+
+
 def sample(logits: torch.Tensor, b: SamplingBatch, to_device=None) -> torch.Tensor:
-    """logits [batch, vocab] float32 -> token ids [batch] (int64, on the logits' device).
-    to_device(values, dtype) makes the small per-request tensors (the GPU runner stages them so
-    that nothing waits); by default, torch.tensor. A batch with no logit bias, penalties, bans, top-k, top-p or
-    min-p takes one pass over its logits; the others are filtered first. Order: logit bias,
-    penalties, bans (min_tokens), then temperature and the cuts."""
+    """logits [batch, vocab] float32 -> token ids [batch] (int64, on the logits' device)."""
+    return sample_with_logprobs(logits, b, to_device).tokens
+
+
+def sample_with_logprobs(logits: torch.Tensor, b: SamplingBatch, to_device=None) -> Sampled:
+    """The tokens and, for the requests that set `logprobs`, their logprobs; nothing waits for the
+    device. to_device(values, dtype) makes the small per-request tensors (the GPU runner stages them
+    so that nothing waits); by default, torch.tensor. A batch with no logit bias, penalties, bans,
+    top-k, top-p or min-p takes one pass over its logits; the others are filtered first. Order:
+    logit bias, penalties, bans (min_tokens), then temperature and the cuts."""
     dev = logits.device
     if to_device is None:
         def to_device(values, dtype):
             return torch.tensor(values, dtype=dtype, device=dev)
 
+    logits = _process(logits, b, to_device)
+    tokens = _pick(logits, b, to_device)
+    rows = [i for i, p in enumerate(b.params) if p.logprobs is not None]
+    if not rows:
+        return Sampled(tokens)
+    k = max(b.params[i].logprobs for i in rows)
+    if len(rows) < len(b.params):
+        index = to_device(rows, torch.int64)
+        logits, chosen = logits[index], tokens[index]
+    else:
+        chosen = tokens
+    temps = to_device([b.params[i].temperature or 1.0 for i in rows], torch.float32)
+    lp = torch.log_softmax(logits.float() / temps[:, None], dim=-1)  # [rows, vocab]
+    values = lp.gather(1, chosen[:, None])
+    top_ids = None
+    if k:
+        top = lp.topk(k, dim=-1)
+        values, top_ids = torch.cat([values, top.values], dim=1), top.indices
+    return Sampled(tokens, rows, values, top_ids)
+
+
+def _process(logits: torch.Tensor, b: SamplingBatch, to_device) -> torch.Tensor:
+    """Logit bias, penalties and bans, on a copy (the logits of a batch without them are returned as
+    they are)."""
     if any(p.uses_penalties or p.logit_bias for p in b.params) or any(b.banned):
         logits = logits.clone()
         if any(p.logit_bias for p in b.params):
@@ -224,6 +272,12 @@ def sample(logits: torch.Tensor, b: SamplingBatch, to_device=None) -> torch.Tens
         for i, banned in enumerate(b.banned):
             if banned:
                 logits[i, banned] = float("-inf")
+    return logits
+
+
+def _pick(logits: torch.Tensor, b: SamplingBatch, to_device) -> torch.Tensor:
+    """Temperature, the cuts, and the Gumbel-max pass."""
+    dev = logits.device
     if any(needs_filter(p) for p in b.params):
         logits = _filter(logits, b.params, to_device)  # tempered: the pass samples at temperature 1
         temps = [0.0 if p.greedy else 1.0 for p in b.params]

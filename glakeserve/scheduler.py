@@ -116,16 +116,19 @@ class Scheduler:
             batch.sample_steps.append(req.num_scheduled_outputs)
             req.num_pending += 1
 
-    def update(self, batch: ScheduledBatch, sampled: list[int]) -> list[Request]:
-        """Takes the step's sampled tokens (one per batch.samplers). Returns the requests that got one
-        (finished ones included); token-based stops (EOS, stop token ids, max_tokens) end them here.
-        A request that finished or was aborted while the step ran drops its token."""
+    def update(self, batch: ScheduledBatch, sampled: list[int], logprobs: list | None = None) -> list[Request]:
+        """Takes the step's sampled tokens (one per batch.samplers) and their logprobs (None where not
+        asked for). Returns the requests that got one (finished ones included); token-based stops
+        (EOS, stop token ids, max_tokens) end them here. A request that finished or was aborted while
+        the step ran drops its token."""
         got = []
-        for req, token in zip(batch.samplers, sampled):
+        for req, token, lp in zip(batch.samplers, sampled, logprobs or [None] * len(sampled)):
             req.num_pending -= 1
             if req.status is RequestStatus.FINISHED:
                 continue
             req.output_token_ids.append(token)
+            if lp is not None:
+                req.output_logprobs.append(lp)
             got.append(req)
             p = req.params  # (before min_tokens, the sampler never picks a stop token)
             if token in self.eos_token_ids and not p.ignore_eos:

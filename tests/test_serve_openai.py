@@ -90,6 +90,13 @@ REFUSED = [  # (endpoint, fields, the name the 400 must carry)
     ("completions", {"suffix": "end"}, "suffix"),
     ("chat", {"response_format": {"type": "yaml"}}, "response_format"),
     ("completions", {"logprobs": 6}, "logprobs"),
+    ("completions", {"logprobs": True}, "logprobs"),
+    ("chat", {"logprobs": 1}, "logprobs"),
+    ("chat", {"top_logprobs": 3}, "top_logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("completions", {"echo": True, "logprobs": 1}, "echo"),
+    ("completions", {"echo": "yes"}, "echo"),
+    ("chat", {"echo": True}, "echo"),
 ]
 
 
@@ -167,3 +174,53 @@ def test_logit_bias_forces_a_token(client, smollm2_dir):
     banned = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0,
                                        logit_bias={str(tok.encode(plain.choices[0].text)[0]): -100})
     assert banned.choices[0].text != plain.choices[0].text
+
+
+def test_chat_logprobs_shape_and_streaming(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], temperature=0, max_tokens=8,
+                  logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kwargs)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob  # greedy
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+    assert bytes(b for e in content for b in e.bytes).decode().startswith(r.choices[0].message.content)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    plain = client.chat.completions.create(**{**kwargs, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
+def test_completion_logprobs_equal_hf(client, hf_smollm2):
+    import torch
+
+    model, tok = hf_smollm2
+    prompt = tok.encode("The largest planet in the solar system is")
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    ids = list(prompt)
+    with torch.no_grad():
+        for pos in range(6):  # HF's greedy continuation and its log-softmax
+            ref = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1], dim=-1)
+            top = ref.topk(2)
+            assert lp.token_logprobs[pos] == pytest.approx(float(top.values[0]), abs=2e-3)
+            assert lp.tokens[pos] == tok.decode([int(top.indices[0])])
+            assert sorted(lp.top_logprobs[pos].values(), reverse=True) == pytest.approx(top.values.tolist(), abs=2e-3)
+            ids.append(int(top.indices[0]))
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+
+
+def test_echo(client):
+    r = client.completions.create(model=MODEL, prompt="Roses are red,", max_tokens=4, temperature=0, echo=True)
+    assert r.choices[0].text.startswith("Roses are red,") and len(r.choices[0].text) > len("Roses are red,")
+    plain = client.completions.create(model=MODEL, prompt="Roses are red,", max_tokens=4, temperature=0)
+    assert r.choices[0].text == "Roses are red," + plain.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="Roses are red,", max_tokens=4, temperature=0, echo=True, stream=True))
+    assert streamed == r.choices[0].text
+    ids = client.completions.create(model=MODEL, prompt=[[49, 50, 51]], max_tokens=2, temperature=0, echo=True)
+    assert ids.choices[0].text.startswith("ABC")

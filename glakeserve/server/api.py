@@ -69,6 +69,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
     encoder = PromptEncoder(engine.engine, config.max_queued_prompt_chars)
     state.close = encoder.close
     vocab = engine.engine.model_config.vocab_size
+    tok = engine.engine.tokenizer
     name = config.served_model_name
     started = int(time.time())
 
@@ -168,7 +169,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         body = await read_body(request, P.CHAT_FIELDS, "/v1/chat/completions")
         stream, include_usage = P.stream_flags(body)
         messages = P.chat_messages(body)
-        params = P.sampling_params(body, default_max_tokens=None, vocab_size=vocab)
+        params = P.sampling_params(body, default_max_tokens=None, vocab_size=vocab, chat=True)
         ids = await encoder.encode(messages, params, "messages")
         P.check_room(len(ids), params, body, engine.engine.max_model_len)
         rid = P.new_id("chatcmpl")
@@ -178,7 +179,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                 out, = await finish_all(request, [gen])
             except _ClientGone:
                 return Response(status_code=499)
-            return P.chat_response(rid, name, out)
+            return P.chat_response(rid, name, out, tok)
 
         async def chunks():
             yield sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None))
@@ -187,9 +188,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                 async for out in gen:
                     last = out
                     reason = P.finish_reason(out)
-                    if out.delta_text or reason:
+                    if out.delta_text or reason or out.delta_logprobs:
                         delta = {"content": out.delta_text} if out.delta_text else {}
-                        yield sse(P.chat_chunk(rid, name, delta, reason))
+                        yield sse(P.chat_chunk(rid, name, delta, reason, P.chat_logprobs(out.delta_logprobs, tok)))
             except Exception as e:  # the client gets an error event and the stream's end
                 yield stream_error(request.scope[REQUEST_ID], e)
             if include_usage and last is not None:
@@ -205,7 +206,12 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         body = await read_body(request, P.COMPLETION_FIELDS, "/v1/completions")
         stream, include_usage = P.stream_flags(body)
         prompts = P.completion_prompts(body)
+        echo = P.echo_flag(body)
         params = P.sampling_params(body, default_max_tokens=16, vocab_size=vocab)
+        if echo and any(not isinstance(p, str) for p in prompts) and tok is None:
+            raise ApiError(400, "echo of token-id prompts needs a tokenizer, and this model has none", param="echo")
+        echoed = [(p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False)) if echo else ""
+                  for p in prompts]
         ids = [await encoder.encode(p, params, "prompt") for p in prompts]
         for i in ids:
             P.check_room(len(i), params, body, engine.engine.max_model_len)
@@ -216,7 +222,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                 outs = await finish_all(request, gens)
             except _ClientGone:
                 return Response(status_code=499)
-            return P.completion_response(rid, name, outs)
+            return P.completion_response(rid, name, outs, tok, echoed)
 
         async def chunks():
             queue: asyncio.Queue = asyncio.Queue()
@@ -231,6 +237,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
 
             tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
             live, prompt_tokens, completion_tokens, cached_tokens = len(gens), 0, 0, 0
+            offsets = [len(e) for e in echoed]  # text_offset of each choice's next token
+            unsent = list(echoed)  # echoed prompts go out with each choice's first chunk
             try:
                 while live:
                     index, out = await queue.get()
@@ -243,8 +251,13 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                             prompt_tokens += out.num_prompt_tokens
                             completion_tokens += out.num_output_tokens
                             cached_tokens += out.num_cached_tokens
-                        if out.delta_text or out.finished:
-                            yield sse(P.completion_chunk(rid, name, index, out.delta_text, P.finish_reason(out)))
+                        if out.delta_text or out.finished or out.delta_logprobs or unsent[index]:
+                            logprobs = P.completion_logprobs(out.delta_logprobs, tok, offsets[index])
+                            if logprobs is not None and logprobs["tokens"]:
+                                offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                            yield sse(P.completion_chunk(rid, name, index, unsent[index] + out.delta_text,
+                                                         P.finish_reason(out), logprobs))
+                            unsent[index] = ""
             finally:  # the client went away (or a bug): no await here, the task is being cancelled
                 for t in tasks:
                     t.cancel()

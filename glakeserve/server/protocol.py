@@ -12,8 +12,8 @@ import reprlib
 import time
 import uuid
 
-from glakeserve.request import RequestOutput
-from glakeserve.sampling import SamplingParams
+from glakeserve.request import RequestOutput, TokenLogprob
+from glakeserve.sampling import MAX_LOGPROBS, SamplingParams
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
@@ -83,14 +83,11 @@ def check_text(text: str, where: str, param: str) -> str:
 # ----- fields -----------------------------------------------------------------------------------
 # Accepted only at their "off" value (anything else is a 400 that says so).
 UNSUPPORTED = {
-    "logprobs": ("logprobs are not supported", (None, False, 0)),
-    "top_logprobs": ("logprobs are not supported", (None, 0)),
     "tools": ("tool calling is not supported", (None, [])),
     "tool_choice": ("tool calling is not supported", (None, "none")),
     "functions": ("function calling is not supported", (None, [])),
     "function_call": ("function calling is not supported", (None, "none")),
     "best_of": ("best_of is not supported", (None, 1)),
-    "echo": ("echo is not supported", (None, False)),
     "suffix": ("suffix is not supported", (None, "")),
     "response_format": ("response_format other than text is not supported", (None, {"type": "text"})),
 }
@@ -103,8 +100,9 @@ NUMERIC = {
 BOOLEAN = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
 COMMON = {"model", "stream", "stream_options", "max_tokens", "stop", "stop_token_ids", "user", "logit_bias",
           "parallel_tool_calls", *NUMERIC, *BOOLEAN, *UNSUPPORTED}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
-COMPLETION_FIELDS = COMMON | {"prompt"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions (chat: top_logprobs up to 20)
 INT64 = 2**63
 
 
@@ -138,11 +136,45 @@ def _number(key: str, value, kind: type):
     return kind(value)
 
 
-def sampling_params(body: dict, default_max_tokens: int | None, vocab_size: int) -> SamplingParams:
+def logprobs_setting(body: dict, chat: bool) -> int | None:
+    """SamplingParams.logprobs from chat's logprobs (bool) + top_logprobs (0-20), or completions'
+    logprobs (0-5)."""
+    value = body.get("logprobs")
+    if chat:
+        if value is not None and not isinstance(value, bool):
+            raise ApiError(400, f"logprobs must be true or false, got {short(value)}", param="logprobs")
+        top = body.get("top_logprobs")
+        if top is None:
+            return 0 if value else None
+        if type(top) is not int or not 0 <= top <= MAX_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {short(top)}",
+                           param="top_logprobs")
+        if not value:
+            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        return top
+    if value is None or value is False:
+        return None
+    if type(value) is not int or not 0 <= value <= MAX_COMPLETION_LOGPROBS:
+        raise ApiError(400, f"logprobs must be an integer in [0, {MAX_COMPLETION_LOGPROBS}] for completions, got "
+                            f"{short(value)}", param="logprobs")
+    return value
+
+
+def echo_flag(body: dict) -> bool:
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise ApiError(400, f"echo must be true or false, got {short(echo)}", param="echo")
+    if echo and body.get("logprobs") not in (None, False):
+        raise ApiError(400, "echo with logprobs would need the prompt's logprobs, which this server does not compute; "
+                            "drop one of them", param="echo")
+    return bool(echo)
+
+
+def sampling_params(body: dict, default_max_tokens: int | None, vocab_size: int, chat: bool = False) -> SamplingParams:
     for key, (why, off) in UNSUPPORTED.items():
         if key in body and not any(body[key] == v and type(body[key]) is type(v) for v in off):
             raise ApiError(400, f"{why} by this server (got {key}={short(body[key])})", param=key)
-    kwargs: dict = {}
+    kwargs: dict = {"logprobs": logprobs_setting(body, chat)}
     for key, kind in NUMERIC.items():
         if body.get(key) is not None:
             kwargs[key] = _number(key, body[key], kind)
@@ -296,30 +328,74 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def chat_response(rid: str, model: str, out: RequestOutput) -> dict:
+# ----- logprobs in OpenAI's shapes -------------------------------------------------------------
+LOGPROB_FLOOR = -9999.0  # what a token that cannot be sampled (-inf) shows: JSON has no infinity (vLLM's value)
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+def chat_logprobs(entries: list[TokenLogprob] | None, tok) -> dict | None:
+    """{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]} (chat)."""
+    if entries is None:
+        return None
+
+    def one(token_id: int, logprob: float) -> dict:
+        return {"token": tok.token_text(token_id), "logprob": _finite(logprob), "bytes": tok.token_bytes(token_id)}
+
+    return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+def completion_logprobs(entries: list[TokenLogprob] | None, tok, offset: int) -> dict | None:
+    """{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"} (completions);
+    offset: characters of text before the first of these tokens."""
+    if entries is None:
+        return None
+    tokens = [tok.token_text(e.token_id) for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries],
+            "top_logprobs": [{tok.token_text(t): _finite(lp) for t, lp in e.top} for e in entries],
+            "text_offset": offsets}
+
+
+def chat_response(rid: str, model: str, out: RequestOutput, tok=None) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                     "logprobs": chat_logprobs(out.logprobs, tok),
                      "finish_reason": finish_reason(out), "stop_reason": out.stop_reason}],
         "usage": usage(out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens),
     }
 
 
-def chat_chunk(rid: str, model: str, delta: dict, reason: str | None) -> dict:
+def chat_chunk(rid: str, model: str, delta: dict, reason: str | None, logprobs: dict | None = None) -> dict:
+    choice = {"index": 0, "delta": delta, "finish_reason": reason}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+            "choices": [choice]}
 
 
-def completion_response(rid: str, model: str, outs: list[RequestOutput]) -> dict:
+def completion_response(rid: str, model: str, outs: list[RequestOutput], tok=None,
+                        echoed: list[str] | None = None) -> dict:
+    """echoed: each prompt's text, put before its completion (echo=true)."""
+    echoed = echoed or [""] * len(outs)
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": o.text, "logprobs": None, "finish_reason": finish_reason(o),
-                     "stop_reason": o.stop_reason} for i, o in enumerate(outs)],
+        "choices": [{"index": i, "text": e + o.text, "logprobs": completion_logprobs(o.logprobs, tok, len(e)),
+                     "finish_reason": finish_reason(o), "stop_reason": o.stop_reason}
+                    for i, (o, e) in enumerate(zip(outs, echoed))],
         "usage": usage(sum(o.num_prompt_tokens for o in outs), sum(o.num_output_tokens for o in outs),
                        sum(o.num_cached_tokens for o in outs)),
     }
 
 
-def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None) -> dict:
+def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None,
+                     logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
