@@ -175,22 +175,30 @@ class LLMEngine:
         return text, ids
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None, stream: bool = True) -> str:
-        """Validates and queues one request; raises ValueError (and changes nothing) when it is bad.
+                    request_id: str | None = None, arrival_time: float | None = None, stream: bool = True,
+                    share_prompt_of: str | None = None, index: int = 0) -> str:
+        """Validates and queues one sequence; raises ValueError (and changes nothing) when it is bad.
         stream: step() returns an output for it every step, with the new text; else only at the end
-        (cheaper: the text is decoded once)."""
+        (cheaper: the text is decoded once). A request with n > 1 is n calls, one per
+        params.for_sequence(i) with index i: sequences after the first name the first's id in
+        share_prompt_of, and wait for its prompt to be launched, then share its KV pages."""
         params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError(f"add_request adds one sequence, got n={params.n}: add each of the n with "
+                             f"params.for_sequence(i) (LLM.generate does)")
         text, ids = self.validate_request(prompt, params)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        first = self.requests.get(share_prompt_of) if share_prompt_of is not None else None
         room = self.max_model_len - len(ids)
         req = Request(
             request_id=request_id, prompt_token_ids=ids, params=params,
             seed=params.seed if params.seed is not None else self._rng.getrandbits(62),
             metrics=RequestMetrics(arrival_time if arrival_time is not None else time.monotonic()),
             max_tokens=min(params.max_tokens or room, room), prompt=text, stream=stream,
-            prefix_offset=max(0, len(ids) - 5), read_offset=len(ids),
+            prefix_offset=max(0, len(ids) - 5), read_offset=len(ids), index=index,
+            share_prompt_of=first if first is not None and first.prompt_token_ids == ids else None,
         )
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -304,7 +312,7 @@ class LLMEngine:
             text=req.text, token_ids=list(req.output_token_ids), finished=req.finished,
             finish_reason=req.finish_reason, stop_reason=req.stop_reason, delta_text=delta_text,
             delta_token_ids=delta_ids, metrics=req.metrics, num_preemptions=req.num_preemptions, error=req.error,
-            num_cached_tokens=req.num_cached_tokens,
+            num_cached_tokens=req.num_cached_tokens, index=req.index,
             logprobs=list(req.output_logprobs) if wants_logprobs and (req.finished or not req.stream) else None,
             delta_logprobs=req.output_logprobs[len(req.output_logprobs) - len(delta_ids):] if wants_logprobs else None,
         )

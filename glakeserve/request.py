@@ -67,6 +67,9 @@ class Request:
     error: str | None = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens the prefix cache served at the first admission
+    index: int = 0  # which of its request's n sequences this is
+    share_prompt_of: Request | None = None  # sequence 0 of its request: admitted once that prompt is launched
+    prompt_scheduled: int | None = None  # the schedule() call that scheduled the prompt's last token
     # incremental detokenization
     text: str = ""
     emitted: int = 0  # characters of text already returned as deltas
@@ -121,6 +124,7 @@ class RequestOutput:
     num_preemptions: int = 0
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
+    index: int = 0  # which of its request's n sequences (SamplingParams.n) this output is
     logprobs: list[TokenLogprob] | None = None  # of token_ids, when SamplingParams.logprobs is set
     delta_logprobs: list[TokenLogprob] | None = None  # of delta_token_ids
 

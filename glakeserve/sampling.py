@@ -12,12 +12,13 @@ kernel (sampling_kernel.py); on a CPU its torch twin below computes the same fun
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 
 MAX_LOGPROBS = 20  # top logprobs per token, at most (OpenAI's limit)
+MAX_N = 128  # sequences per request, at most
 
 
 @dataclass
@@ -53,8 +54,8 @@ class SamplingParams:
         def fail(msg: str) -> None:
             raise ValueError(msg)
 
-        if self.n != 1:
-            fail(f"n must be 1, got {self.n}: GlakeServe returns one completion per request")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            fail(f"n must be an integer in [1, {MAX_N}], got {self.n}.")
         if not self.temperature >= 0.0:
             fail(f"temperature must be non-negative (0 means greedy), got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
@@ -89,6 +90,12 @@ class SamplingParams:
                 fail(f"logit_bias keys must be non-negative token ids, got {t!r}.")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100.0 <= v <= 100.0:
                 fail(f"logit_bias values must be numbers in [-100, 100], got {v!r} for token {t}.")
+
+    def for_sequence(self, i: int) -> SamplingParams:
+        """The params of sequence i of n: n = 1, and a given seed becomes seed + i (so the n
+        sequences differ under sampling and each is reproducible)."""
+        seed = None if self.seed is None else (self.seed + i) % 2**63
+        return replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

@@ -47,6 +47,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_schedules = 0
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -55,6 +56,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        self.num_schedules += 1
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         # 1. running requests, oldest first; the newest are preempted when memory runs out
@@ -80,6 +82,8 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_pending:  # preempted with a token in flight: admitted once it is read
                 break
+            if not self._prompt_shared(req):
+                break
             if not self.kv.admit(req):
                 break
             n = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -97,20 +101,31 @@ class Scheduler:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.monotonic()
                 req.num_cached_tokens = req.num_computed_tokens  # what admission found in the prefix cache
+            req.share_prompt_of = None
             self.running.append(req)
             self._add(batch, req, n)
             budget -= n
         # the next admissions, so the cache can map their blocks while this step runs
         seats = min(UPCOMING, max(0, self.max_num_seqs - len(self.running)) + FINISHING)
-        batch.upcoming = [r for _, r in zip(range(seats), self.waiting) if not r.num_pending]
+        batch.upcoming = [r for _, r in zip(range(seats), self.waiting) if not r.num_pending and self._prompt_shared(r)]
         return batch
 
-    @staticmethod
-    def _add(batch: ScheduledBatch, req: Request, n: int) -> None:
+    def _prompt_shared(self, req: Request) -> bool:
+        """Sequences 1..n-1 of a request wait until sequence 0's prompt has been launched by an earlier
+        step: its KV blocks are then in the prefix cache, and admission maps them into the waiting
+        sequences' slots as aliases, so the n sequences share one prefill (only a last, partial block
+        is computed again)."""
+        first = req.share_prompt_of
+        return first is None or first.finished or (first.prompt_scheduled is not None
+                                                   and first.prompt_scheduled < self.num_schedules)
+
+    def _add(self, batch: ScheduledBatch, req: Request, n: int) -> None:
         batch.requests.append(req)
         batch.num_new_tokens.append(n)
         batch.starts.append(req.num_computed_tokens)
         req.num_computed_tokens += n
+        if req.prompt_scheduled is None and req.num_computed_tokens >= len(req.prompt_token_ids):
+            req.prompt_scheduled = self.num_schedules
         if req.num_computed_tokens == req.num_tokens:  # every known token computed: the step samples the next
             batch.samplers.append(req)
             batch.sample_steps.append(req.num_scheduled_outputs)

@@ -22,7 +22,7 @@ BAD = [
     (dict(max_tokens=0), r"max_tokens must be at least 1, got 0"),
     (dict(min_tokens=-1), r"min_tokens must be greater than or equal to 0, got -1"),
     (dict(min_tokens=5, max_tokens=3), r"min_tokens must be less than or equal to max_tokens=3, got 5"),
-    (dict(n=2), r"n must be 1, got 2"),
+    (dict(n=0), r"n must be an integer in \[1, 128\], got 0"),
     (dict(seed=-1), r"seed must be in \[0, 2\*\*63\), got -1"),
     (dict(stop=[""]), r"stop must be non-empty strings"),
     (dict(stop_token_ids=[-4]), r"stop_token_ids must be non-negative token ids"),

@@ -87,6 +87,7 @@ REFUSED = [  # (endpoint, fields, the name the 400 must carry)
     ("completions", {"logit_bias": {"12": 101}}, "logit_bias"),
     ("completions", {"logit_bias": {"x": 1}}, "logit_bias"),
     ("completions", {"best_of": True}, "best_of"),
+    ("completions", {"best_of": 1.5}, "best_of"),
     ("completions", {"suffix": "end"}, "suffix"),
     ("chat", {"response_format": {"type": "yaml"}}, "response_format"),
     ("completions", {"logprobs": 6}, "logprobs"),
@@ -97,6 +98,11 @@ REFUSED = [  # (endpoint, fields, the name the 400 must carry)
     ("completions", {"echo": True, "logprobs": 1}, "echo"),
     ("completions", {"echo": "yes"}, "echo"),
     ("chat", {"echo": True}, "echo"),
+    ("chat", {"n": 129}, "n"),
+    ("chat", {"n": "2"}, "n"),
+    ("completions", {"n": 2, "best_of": 1}, "best_of"),
+    ("completions", {"best_of": 0}, "best_of"),
+    ("completions", {"best_of": 2, "stream": True}, "best_of"),
 ]
 
 
@@ -224,3 +230,36 @@ def test_echo(client):
     assert streamed == r.choices[0].text
     ids = client.completions.create(model=MODEL, prompt=[[49, 50, 51]], max_tokens=2, temperature=0, echo=True)
     assert ids.choices[0].text.startswith("ABC")
+
+
+def test_n_choices_differ_under_sampling_and_match_under_greedy(client):
+    msgs = [{"role": "user", "content": "Invent a name for a cat."}]
+    sampled = client.chat.completions.create(model=MODEL, messages=msgs, n=3, temperature=1.0, seed=5, max_tokens=12)
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+    assert len({c.message.content for c in sampled.choices}) == 3
+    greedy = client.chat.completions.create(model=MODEL, messages=msgs, n=3, temperature=0, max_tokens=12)
+    assert len({c.message.content for c in greedy.choices}) == 1
+    single = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=12)
+    assert greedy.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counts once
+    assert greedy.usage.completion_tokens == 3 * single.usage.completion_tokens
+    # streamed: chunks tagged by index add up to each choice
+    texts = {}
+    for chunk in client.chat.completions.create(model=MODEL, messages=msgs, n=3, temperature=1.0, seed=5,
+                                                max_tokens=12, stream=True):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    assert texts == {c.index: c.message.content for c in sampled.choices}
+
+
+def test_n_and_best_of_on_completions(client):
+    r = client.completions.create(model=MODEL, prompt=["One, two,", "Red, green,"], n=2, max_tokens=4, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text and r.choices[2].text == r.choices[3].text
+    three = client.completions.create(model=MODEL, prompt="A recipe:", n=3, max_tokens=8, temperature=1.0, seed=9,
+                                      logprobs=0)
+    ranked = sorted(three.choices, key=lambda c: -sum(c.logprobs.token_logprobs))
+    best = client.completions.create(model=MODEL, prompt="A recipe:", n=2, best_of=3, max_tokens=8, temperature=1.0,
+                                     seed=9)
+    assert [c.text for c in best.choices] == [c.text for c in ranked[:2]]
+    assert all(c.logprobs is None for c in best.choices)  # ranked by logprobs, but none were asked for
+    assert best.usage.prompt_tokens == three.usage.prompt_tokens

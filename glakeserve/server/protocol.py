@@ -6,6 +6,7 @@ engine can hold, text that is valid Unicode; anything else is a 400 that names t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import reprlib
@@ -13,7 +14,7 @@ import time
 import uuid
 
 from glakeserve.request import RequestOutput, TokenLogprob
-from glakeserve.sampling import MAX_LOGPROBS, SamplingParams
+from glakeserve.sampling import MAX_LOGPROBS, MAX_N, SamplingParams
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
@@ -87,7 +88,6 @@ UNSUPPORTED = {
     "tool_choice": ("tool calling is not supported", (None, "none")),
     "functions": ("function calling is not supported", (None, [])),
     "function_call": ("function calling is not supported", (None, "none")),
-    "best_of": ("best_of is not supported", (None, 1)),
     "suffix": ("suffix is not supported", (None, "")),
     "response_format": ("response_format other than text is not supported", (None, {"type": "text"})),
 }
@@ -98,7 +98,7 @@ NUMERIC = {
     "top_k": int, "min_p": float, "repetition_penalty": float, "min_tokens": int, "seed": int, "n": int,
 }
 BOOLEAN = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
-COMMON = {"model", "stream", "stream_options", "max_tokens", "stop", "stop_token_ids", "user", "logit_bias",
+COMMON = {"model", "stream", "stream_options", "max_tokens", "stop", "stop_token_ids", "user", "logit_bias", "best_of",
           "parallel_tool_calls", *NUMERIC, *BOOLEAN, *UNSUPPORTED}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
@@ -158,6 +158,44 @@ def logprobs_setting(body: dict, chat: bool) -> int | None:
         raise ApiError(400, f"logprobs must be an integer in [0, {MAX_COMPLETION_LOGPROBS}] for completions, got "
                             f"{short(value)}", param="logprobs")
     return value
+
+
+def best_of(body: dict, n: int, stream: bool) -> int:
+    """Sequences to generate per prompt (n <= best_of <= 128); the n with the highest cumulative
+    logprob are returned."""
+    value = body.get("best_of")
+    if value is None:
+        return n
+    if type(value) is not int or not n <= value <= MAX_N:
+        raise ApiError(400, f"best_of must be an integer in [n, {MAX_N}] (n is {n}), got {short(value)}",
+                       param="best_of")
+    if stream and value > n:
+        raise ApiError(400, "best_of greater than n cannot stream (the best are known only at the end)",
+                       param="best_of")
+    return value
+
+
+def choose(outs: list[RequestOutput], params: SamplingParams, best_of: int
+           ) -> tuple[list[list[RequestOutput]], list[RequestOutput]]:
+    """outs: best_of sequences per prompt, prompt-major. Returns them grouped by prompt, and the
+    choices: per prompt the n with the highest cumulative logprob (all of them when best_of == n),
+    without logprobs the client did not ask for."""
+    groups = [outs[i:i + best_of] for i in range(0, len(outs), best_of)]
+    if best_of == params.n:
+        return groups, outs
+    chosen = []
+    for group in groups:
+        ranked = sorted(group, key=lambda o: -sum(lp.logprob for lp in o.logprobs or []))[:params.n]
+        chosen += [o if params.logprobs is not None else dataclasses.replace(o, logprobs=None) for o in ranked]
+    return groups, chosen
+
+
+def request_usage(groups: list[list[RequestOutput]], choices: list[RequestOutput]) -> dict:
+    """A prompt counts once however many sequences it has (its first sequence computed it; the others
+    shared its pages): prompt and cached tokens of each prompt's first sequence, completion tokens of
+    the choices returned."""
+    return usage(sum(g[0].num_prompt_tokens for g in groups), sum(o.num_output_tokens for o in choices),
+                 sum(g[0].num_cached_tokens for g in groups))
 
 
 def echo_flag(body: dict) -> bool:
@@ -363,35 +401,35 @@ def completion_logprobs(entries: list[TokenLogprob] | None, tok, offset: int) ->
             "text_offset": offsets}
 
 
-def chat_response(rid: str, model: str, out: RequestOutput, tok=None) -> dict:
+def chat_response(rid: str, model: str, outs: list[RequestOutput], usage_: dict, tok=None) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+        "choices": [{"index": i, "message": {"role": "assistant", "content": out.text},
                      "logprobs": chat_logprobs(out.logprobs, tok),
-                     "finish_reason": finish_reason(out), "stop_reason": out.stop_reason}],
-        "usage": usage(out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens),
+                     "finish_reason": finish_reason(out), "stop_reason": out.stop_reason}
+                    for i, out in enumerate(outs)],
+        "usage": usage_,
     }
 
 
-def chat_chunk(rid: str, model: str, delta: dict, reason: str | None, logprobs: dict | None = None) -> dict:
-    choice = {"index": 0, "delta": delta, "finish_reason": reason}
+def chat_chunk(rid: str, model: str, delta: dict, reason: str | None, logprobs: dict | None = None,
+               index: int = 0) -> dict:
+    choice = {"index": index, "delta": delta, "finish_reason": reason}
     if logprobs is not None:
         choice["logprobs"] = logprobs
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [choice]}
 
 
-def completion_response(rid: str, model: str, outs: list[RequestOutput], tok=None,
-                        echoed: list[str] | None = None) -> dict:
-    """echoed: each prompt's text, put before its completion (echo=true)."""
-    echoed = echoed or [""] * len(outs)
+def completion_response(rid: str, model: str, outs: list[RequestOutput], echoed: list[str], usage_: dict,
+                        tok=None) -> dict:
+    """echoed: per choice, the prompt text put before its completion (echo=true), or ""."""
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, "text": e + o.text, "logprobs": completion_logprobs(o.logprobs, tok, len(e)),
                      "finish_reason": finish_reason(o), "stop_reason": o.stop_reason}
                     for i, (o, e) in enumerate(zip(outs, echoed))],
-        "usage": usage(sum(o.num_prompt_tokens for o in outs), sum(o.num_output_tokens for o in outs),
-                       sum(o.num_cached_tokens for o in outs)),
+        "usage": usage_,
     }
 
 
