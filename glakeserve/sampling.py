@@ -132,7 +132,14 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch
     """[batch, vocab] floats in (0, 1), a pure function of (seed, step, token id)."""
     tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
     bits = mix32((row_keys(seeds, steps)[:, None] + tok[None, :] * GOLDEN32) & M32)
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # top 24 bits
+    return bits_to_uniform(bits)
+
+
+def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """32 random bits -> a float32 strictly inside (0, 1): the top 23 bits, centred. (With 24 bits the
+    largest value, 2**24 - 0.5, rounds up to 2**24 in float32: u = 1 made the Gumbel noise +inf, so
+    a token cut to -inf could come out as NaN and win the argmax.)"""
+    return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 def gumbel_argmax_torch(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor,

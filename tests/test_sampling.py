@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from glakeserve.sampling import SamplingBatch, SamplingParams, sample, uniform_noise
+from glakeserve.sampling import SamplingBatch, SamplingParams, bits_to_uniform, sample, uniform_noise
 
 # ----- validation: every rule, its message naming the field, the value and the range --------------
 BAD = [
@@ -53,6 +53,24 @@ def test_noise_is_a_pure_function_and_uniform():
     assert 0 < float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.01
     assert not torch.equal(uniform_noise(torch.tensor([1]), torch.tensor([1]), 10)[0], u[0, :10])
+
+
+def test_noise_stays_inside_the_open_interval_and_cut_tokens_never_win():
+    extreme = torch.tensor([0, 1 << 8, (1 << 32) - 1, (1 << 32) - 256], dtype=torch.int64)
+    u = bits_to_uniform(extreme)
+    assert bool((u > 0).all()) and bool((u < 1).all())
+    assert bool(torch.isfinite(-torch.log(-torch.log(u))).all())
+    # seed 4265, step 0 draws all-ones top bits for token 738 of 1,000 (found by search): a cut token there
+    # must still lose, on the torch path and the Triton one
+    logits = torch.full((1, 1000), float("-inf"))
+    logits[0, [5, 500, 999]] = 0.0
+    b = SamplingBatch(params=[SamplingParams(temperature=1.0)], seeds=[4265], steps=[0], output_ids=[[]],
+                      prompt_ids=[[]])
+    assert int(sample(logits, b)[0]) in (5, 500, 999)
+    from glakeserve.sampling_kernel import gumbel_argmax
+
+    one = torch.ones(1)
+    assert int(gumbel_argmax(logits, one, torch.tensor([4265]), torch.tensor([0]))[0]) in (5, 500, 999)
 
 
 def test_sampling_follows_the_distribution():
