@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -21,9 +22,10 @@ from glakeserve.kv import make_kv_cache
 from glakeserve.model.loader import ModelSource, load_model, model_config, resolve_model
 from glakeserve.model_runner import LaunchedStep, ModelRunner
 from glakeserve.profiling import DeviceTimeline, PhaseClock
-from glakeserve.request import Request, RequestMetrics, RequestOutput
+from glakeserve.request import Request, RequestMetrics, RequestOutput, RequestStatus
 from glakeserve.sampling import SamplingParams
 from glakeserve.scheduler import Scheduler
+from glakeserve.structured import GrammarBackend, GuidedDecoding
 from glakeserve.tokenizer import Tokenizer, detokenize_step
 
 DTYPES = {
@@ -129,6 +131,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "finished": 0}
+        self._grammar: GrammarBackend | None = None  # made on the first guided request
+        self._grammar_lock = threading.Lock()
 
     # ----- requests ---------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -169,10 +173,22 @@ class LLMEngine:
             out_of_vocab = [t for t in params.stop_token_ids if t >= vocab]
             if out_of_vocab:
                 raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {out_of_vocab[:5]}")
+            if params.guided is not None:
+                self.compile_guided(params.guided)
             out_of_vocab = [t for t in params.logit_bias if t >= vocab]
             if out_of_vocab:
                 raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}), got {out_of_vocab[:5]}")
         return text, ids
+
+    def compile_guided(self, guided: GuidedDecoding):
+        """The compiled grammar (cached by spec), or a ValueError naming what cannot be compiled.
+        Safe to call from another thread (the server's tokenizer thread does)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                if self.tokenizer is None:
+                    raise ValueError("guided decoding needs the model's tokenizer, and this model has none")
+                self._grammar = GrammarBackend(self.tokenizer.hf, self.model_config.vocab_size, self.eos_token_ids)
+        return self._grammar.compile(guided)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None, stream: bool = True,
@@ -199,6 +215,7 @@ class LLMEngine:
             max_tokens=min(params.max_tokens or room, room), prompt=text, stream=stream,
             prefix_offset=max(0, len(ids) - 5), read_offset=len(ids), index=index,
             share_prompt_of=first if first is not None and first.prompt_token_ids == ids else None,
+            matcher=self._grammar.matcher(params.guided) if params.guided is not None else None,
         )
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -248,13 +265,19 @@ class LLMEngine:
         return outputs
 
     def _needs_known_outputs(self) -> bool:
-        """Penalties count a request's output tokens on the host: with one of them running, the
-        step in flight is read before the next is scheduled (that step is not overlapped)."""
-        return any(r.params.uses_penalties for r in self.scheduler.running)
+        """Penalties count a request's output tokens on the host, and a grammar's mask depends on the
+        last token: with such a request running, the step in flight is read before the next is
+        scheduled (that step is not overlapped)."""
+        return any(r.params.uses_penalties or r.matcher is not None for r in self.scheduler.running)
 
     def _update(self, step: LaunchedStep) -> list[RequestOutput]:
         tokens, logprobs = self.runner.read(step)
         got = self.scheduler.update(step.batch, tokens, logprobs)
+        for req in got:  # each grammar moves past its request's token (the next mask depends on it)
+            if req.matcher is not None and not req.matcher.accept_token(req.output_token_ids[-1]):
+                req.error = f"the grammar rejected token {req.output_token_ids[-1]}, which its mask allowed"
+                if req.status is not RequestStatus.FINISHED:
+                    self.scheduler.finish(req, "abort")
         self.clock.lap("update")
         outputs = self._postprocess(got)
         self.clock.lap("postprocess")

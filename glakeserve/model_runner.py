@@ -242,6 +242,14 @@ class ModelRunner:
                 banned.append(list(r.params.stop_token_ids) + ([] if r.params.ignore_eos else list(self.eos_token_ids)))
             else:
                 banned.append([])
+        mask_rows = [i for i, r in enumerate(reqs) if r.matcher is not None]
+        bitmask = None
+        if mask_rows:  # the grammars' allowed tokens, filled on the host, copied without waiting
+            words = (self.model.cfg.vocab_size + 31) // 32
+            host = torch.empty((len(mask_rows), words), dtype=torch.int32, pin_memory=self.device.type == "cuda")
+            for j, i in enumerate(mask_rows):
+                reqs[i].matcher.fill_next_token_bitmask(host, j)
+            bitmask = host.to(self.device, non_blocking=True)
         return SamplingBatch(
             params=[r.params for r in reqs],
             seeds=[r.seed for r in reqs],
@@ -249,4 +257,6 @@ class ModelRunner:
             output_ids=[r.output_token_ids for r in reqs],
             prompt_ids=[r.prompt_token_ids for r in reqs],
             banned=banned,
+            mask_rows=mask_rows,
+            token_bitmask=bitmask,
         )

@@ -70,6 +70,7 @@ class Request:
     index: int = 0  # which of its request's n sequences this is
     share_prompt_of: Request | None = None  # sequence 0 of its request: admitted once that prompt is launched
     prompt_scheduled: int | None = None  # the schedule() call that scheduled the prompt's last token
+    matcher: object | None = None  # with SamplingParams.guided: the grammar's state (structured.GrammarBackend)
     # incremental detokenization
     text: str = ""
     emitted: int = 0  # characters of text already returned as deltas

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from glakeserve.structured import GuidedDecoding
+
 
 MAX_LOGPROBS = 20  # top logprobs per token, at most (OpenAI's limit)
 MAX_N = 128  # sequences per request, at most
@@ -41,6 +43,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's)
     logprobs: int | None = None  # the sampled token's logprob and the top N's (0-20); None: none
+    guided: GuidedDecoding | None = None  # output constrained to a JSON schema, any JSON, a regex or a choice
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -85,6 +88,12 @@ class SamplingParams:
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             fail(f"logprobs must be in [0, {MAX_LOGPROBS}] (top tokens besides the sampled one) or None, got "
                  f"{self.logprobs}.")
+        if self.guided is not None:
+            if not isinstance(self.guided, GuidedDecoding):
+                fail(f"guided must be a GuidedDecoding, got {type(self.guided).__name__}.")
+            if self.ignore_eos or self.min_tokens:
+                fail("guided decoding ends where its grammar does: it cannot be combined with ignore_eos or "
+                     "min_tokens.")
         for t, v in self.logit_bias.items():
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 fail(f"logit_bias keys must be non-negative token ids, got {t!r}.")
@@ -163,6 +172,8 @@ class SamplingBatch:
     output_ids: list[list[int]]
     prompt_ids: list[list[int]]
     banned: list[list[int]] = field(default_factory=list)  # token ids to forbid now (min_tokens)
+    mask_rows: list[int] = field(default_factory=list)  # rows constrained by a grammar
+    token_bitmask: torch.Tensor | None = None  # [len(mask_rows), ceil(vocab / 32)] int32 on the device: allowed tokens
 
 
 def _apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> None:
@@ -247,7 +258,7 @@ def sample_with_logprobs(logits: torch.Tensor, b: SamplingBatch, to_device=None)
     device. to_device(values, dtype) makes the small per-request tensors (the GPU runner stages them
     so that nothing waits); by default, torch.tensor. A batch with no logit bias, penalties, bans,
     top-k, top-p or min-p takes one pass over its logits; the others are filtered first. Order:
-    logit bias, penalties, bans (min_tokens), then temperature and the cuts."""
+    logit bias, penalties, bans (min_tokens), grammar masks, then temperature and the cuts."""
     dev = logits.device
     if to_device is None:
         def to_device(values, dtype):
@@ -275,9 +286,9 @@ def sample_with_logprobs(logits: torch.Tensor, b: SamplingBatch, to_device=None)
 
 
 def _process(logits: torch.Tensor, b: SamplingBatch, to_device) -> torch.Tensor:
-    """Logit bias, penalties and bans, on a copy (the logits of a batch without them are returned as
+    """Logit bias, penalties, bans and grammar masks, on a copy (the logits of a batch without them are returned as
     they are)."""
-    if any(p.uses_penalties or p.logit_bias for p in b.params) or any(b.banned):
+    if any(p.uses_penalties or p.logit_bias for p in b.params) or any(b.banned) or b.mask_rows:
         logits = logits.clone()
         if any(p.logit_bias for p in b.params):
             _apply_logit_bias(logits, b.params, to_device)
@@ -286,7 +297,17 @@ def _process(logits: torch.Tensor, b: SamplingBatch, to_device) -> torch.Tensor:
         for i, banned in enumerate(b.banned):
             if banned:
                 logits[i, banned] = float("-inf")
+        if b.mask_rows:
+            _apply_token_bitmask(logits, b.mask_rows, b.token_bitmask, to_device)
     return logits
+
+
+def _apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor, to_device) -> None:
+    """-inf for every token a row's grammar does not allow now: bit j of word w allows token 32w + j."""
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :logits.shape[1]]  # [rows, vocab]
+    index = to_device(rows, torch.int64)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 
 def _pick(logits: torch.Tensor, b: SamplingBatch, to_device) -> torch.Tensor:

@@ -5,6 +5,8 @@ context check, /v1/models/{id}, and cached-token usage."""
 from __future__ import annotations
 
 import json
+import re
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -103,6 +105,22 @@ REFUSED = [  # (endpoint, fields, the name the 400 must carry)
     ("completions", {"n": 2, "best_of": 1}, "best_of"),
     ("completions", {"best_of": 0}, "best_of"),
     ("completions", {"best_of": 2, "stream": True}, "best_of"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "response_format"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ("chat", {"response_format": {"type": "json_object", "extra": 1}}, "response_format"),
+    ("completions", {"guided_regex": "(ab"}, "guided_regex"),
+    ("completions", {"guided_choice": []}, "guided_choice"),
+    ("completions", {"guided_json": "{not json"}, "guided_json"),
+    ("completions", {"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ("completions", {"guided_grammar": "root ::= undefined_rule"}, "guided_grammar"),
+    ("chat", {"structured_outputs": {"regex": "(ab"}}, "structured_outputs"),
+    ("chat", {"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ("chat", {"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs"),
+    ("chat", {"structured_outputs": {"json_object": 1}}, "structured_outputs"),
+    ("chat", {"structured_outputs": {}}, "structured_outputs"),
+    ("chat", {"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
+    ("chat", {"response_format": {"type": "json_object"}, "min_tokens": 3}, "min_tokens"),
 ]
 
 
@@ -263,3 +281,104 @@ def test_n_and_best_of_on_completions(client):
     assert [c.text for c in best.choices] == [c.text for c in ranked[:2]]
     assert all(c.logprobs is None for c in best.choices)  # ranked by logprobs, but none were asked for
     assert best.usage.prompt_tokens == three.usage.prompt_tokens
+
+
+def _concurrently(fn, items):
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        return list(pool.map(fn, items))
+
+
+def test_a_bad_schema_is_a_400_that_says_why_and_serving_goes_on(client, api):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    bad = [{**chat, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+           {**chat, "structured_outputs": {"json": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}},
+           {**chat, "guided_regex": "[a-"}]
+
+    def post(body):
+        return api.post("/v1/chat/completions", json=body)
+
+    # the bad ones among good ones, at the same time: each bad one is refused, every good one served
+    results = _concurrently(post, bad + [chat] * 3)
+    messages = [r.json()["error"]["message"] for r in results[:3]]
+    assert [r.status_code for r in results] == [400] * 3 + [200] * 3, messages
+    assert messages[0].startswith("response_format: the JSON schema cannot be compiled") and "strin" in messages[0]
+    assert messages[1].startswith("structured_outputs: the JSON schema cannot be compiled") and "nowhere" in messages[1]
+    assert messages[2].startswith("guided_regex: the regex cannot be compiled")
+    assert all(r.json()["usage"]["completion_tokens"] > 0 for r in results[3:])
+
+
+def test_json_object_output_is_json(client, smollm2_dir):
+    """Every reply that ends by itself parses as a JSON object; one cut by max_tokens is still a
+    prefix of one (the mask never let a token out of the grammar)."""
+    import xgrammar
+    from transformers import AutoTokenizer
+
+    json_grammar = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(
+        AutoTokenizer.from_pretrained(smollm2_dir))).compile_builtin_json_grammar()
+    topics = ["a cat", "the weather today", "a car", "a city in Europe", "a computer", "a tree"]
+
+    def one(i):
+        return client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Describe {topics[i]} in JSON."}], max_tokens=100,
+            temperature=0.7, seed=i, response_format={"type": "json_object"})
+
+    replies = [r.choices[0] for r in _concurrently(one, range(len(topics)))]
+    assert sum(c.finish_reason == "stop" for c in replies) >= 2, replies  # (4 of 6 stop at these seeds)
+    for c in replies:
+        if c.finish_reason == "stop":
+            assert isinstance(json.loads(c.message.content), dict), c.message.content
+        else:
+            assert c.message.content.startswith("{") and xgrammar.GrammarMatcher(json_grammar).accept_string(
+                c.message.content), c.message.content
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "role": {"type": "string", "enum": ["admin", "editor", "viewer"]},
+        "skills": {"type": "array", "items": {"type": "string", "maxLength": 16}, "minItems": 1, "maxItems": 3},
+        "office": {"type": "object", "properties": {"floor": {"type": "integer", "minimum": 0, "maximum": 40},
+                                                    "desk": {"type": "string", "maxLength": 8}},
+                   "required": ["floor", "desk"], "additionalProperties": False},
+    },
+    "required": ["name", "role", "skills", "office"], "additionalProperties": False,
+}
+
+
+def test_json_schema_output_validates_and_vllm_guided_fields(client):
+    import jsonschema
+
+    def one(i):
+        return client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Make up employee number {i}."}], max_tokens=200,
+            temperature=1.0, seed=i, response_format={"type": "json_schema", "json_schema": {"name": "person",
+                                                                                               "schema": PERSON}})
+
+    for r in _concurrently(one, range(6)):
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    r = client.completions.create(model=MODEL, prompt="Employee record:", max_tokens=200, temperature=0,
+                                  extra_body={"guided_json": PERSON})
+    jsonschema.validate(json.loads(r.choices[0].text), PERSON)
+    r = client.completions.create(model=MODEL, prompt="Is the sky blue?", max_tokens=5, n=4, temperature=1.0,
+                                  seed=3, extra_body={"guided_choice": ["yes", "no"]})
+    assert {c.text for c in r.choices} <= {"yes", "no"}
+    r = client.completions.create(model=MODEL, prompt="A date:", max_tokens=12, temperature=1.0, seed=1,
+                                  extra_body={"guided_regex": "20[0-9]{2}-[01][0-9]-[0-3][0-9]"})
+    assert re.fullmatch("20[0-9]{2}-[01][0-9]-[0-3][0-9]", r.choices[0].text)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Pick a colour."}],
+                                       max_tokens=8, temperature=1.0, seed=2, n=3,
+                                       extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}})
+    assert {c.message.content for c in r.choices} <= {"red", "green", "blue"}
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Add two numbers."}],
+                                       max_tokens=16, temperature=1.0, seed=4, extra_body={
+                                           "structured_outputs": {"grammar": 'root ::= num " + " num\nnum ::= [1-9] [0-9]?'}})
+    assert re.fullmatch(r"[1-9][0-9]? \+ [1-9][0-9]?", r.choices[0].message.content), r.choices[0].message.content
+    r = client.completions.create(model=MODEL, prompt="Employee record:", max_tokens=200, temperature=0.5, seed=5,
+                                  extra_body={"structured_outputs": {"json": json.dumps(PERSON)}})
+    jsonschema.validate(json.loads(r.choices[0].text), PERSON)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Make up an employee."}], max_tokens=200, temperature=0,
+        stream=True, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}))
+    jsonschema.validate(json.loads(streamed), PERSON)

@@ -116,6 +116,16 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         return engine.generate(ids, params, rid, stream=stream, timeout=config.request_timeout, share_prompt_of=share,
                                index=index)
 
+    async def check_guided(body: dict, params) -> None:
+        """Compiles the request's grammar off the event loop (cached for the engine): a 400 naming the
+        field when the library cannot compile it."""
+        if params.guided is not None:
+            try:
+                await asyncio.to_thread(engine.engine.compile_guided, params.guided)
+            except ValueError as e:
+                field = P.guided_field(body)
+                raise ApiError(400, f"{field}: {e}", param=field) from None
+
     def start_sequences(prompts: list[list[int]], params, best_of: int, rid: str, stream: bool) -> list:
         """best_of (>= n) sequences per prompt, prompt-major: sequence j of prompt i has params
         for_sequence(j) and shares sequence 0's prompt pages. With best_of > n every sequence keeps
@@ -187,6 +197,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         messages = P.chat_messages(body)
         params = P.sampling_params(body, default_max_tokens=None, vocab_size=vocab, chat=True)
         best_of = P.best_of(body, params.n, stream)
+        await check_guided(body, params)
         ids = await encoder.encode(messages, params, "messages")
         P.check_room(len(ids), params, body, engine.engine.max_model_len)
         rid = P.new_id("chatcmpl")
@@ -233,6 +244,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         echo = P.echo_flag(body)
         params = P.sampling_params(body, default_max_tokens=16, vocab_size=vocab)
         best_of = P.best_of(body, params.n, stream)
+        await check_guided(body, params)
         if echo and any(not isinstance(p, str) for p in prompts) and tok is None:
             raise ApiError(400, "echo of token-id prompts needs a tokenizer, and this model has none", param="echo")
         echoed = [(p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False)) if echo else ""

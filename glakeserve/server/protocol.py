@@ -15,6 +15,7 @@ import uuid
 
 from glakeserve.request import RequestOutput, TokenLogprob
 from glakeserve.sampling import MAX_LOGPROBS, MAX_N, SamplingParams
+from glakeserve.structured import GuidedDecoding
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
@@ -89,8 +90,12 @@ UNSUPPORTED = {
     "functions": ("function calling is not supported", (None, [])),
     "function_call": ("function calling is not supported", (None, "none")),
     "suffix": ("suffix is not supported", (None, "")),
-    "response_format": ("response_format other than text is not supported", (None, {"type": "text"})),
 }
+
+# What constrains the output (one at most): OpenAI's, then vLLM's
+GUIDED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                 "guided_grammar")
+STRUCTURED_OUTPUTS_KEYS = ("json", "regex", "choice", "grammar", "json_object")  # vLLM's, those honoured here
 
 # OpenAI name -> accepted type (the vLLM extras among them pass straight to SamplingParams)
 NUMERIC = {
@@ -99,6 +104,7 @@ NUMERIC = {
 }
 BOOLEAN = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
 COMMON = {"model", "stream", "stream_options", "max_tokens", "stop", "stop_token_ids", "user", "logit_bias", "best_of",
+          *GUIDED_FIELDS,
           "parallel_tool_calls", *NUMERIC, *BOOLEAN, *UNSUPPORTED}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
@@ -198,6 +204,93 @@ def request_usage(groups: list[list[RequestOutput]], choices: list[RequestOutput
                  sum(g[0].num_cached_tokens for g in groups))
 
 
+def guided_field(body: dict) -> str | None:
+    """The field that constrains the output, if any (response_format of type text does not)."""
+    given = [k for k in GUIDED_FIELDS if body.get(k) is not None
+             and not (k == "response_format" and body[k] == {"type": "text"})]
+    if len(given) > 1:
+        raise ApiError(400, f"give at most one of {', '.join(GUIDED_FIELDS)}; got {', '.join(given)}", param=given[1])
+    return given[0] if given else None
+
+
+def guided_decoding(body: dict) -> GuidedDecoding | None:
+    """OpenAI's response_format (text, json_object, json_schema), vLLM's structured_outputs (json,
+    regex, choice, grammar, json_object) or its older guided_json, guided_regex, guided_choice,
+    guided_grammar -> the constraint on the output (None: none)."""
+    key = guided_field(body)
+    if key is None:
+        return None
+    value = body[key]
+    if key == "response_format":
+        return _response_format(value)
+    if key == "structured_outputs":
+        if not isinstance(value, dict):
+            raise ApiError(400, f"structured_outputs must be an object with one of {', '.join(STRUCTURED_OUTPUTS_KEYS)}, "
+                                f"got {short(value)}", param=key)
+        unknown = [k for k in value if k not in STRUCTURED_OUTPUTS_KEYS and value[k] not in (None, False)]
+        if unknown:
+            raise ApiError(400, f"structured_outputs.{short(unknown[0])[1:-1]} is not supported by this server "
+                                f"(it takes one of {', '.join(STRUCTURED_OUTPUTS_KEYS)})", param=key)
+        given = [k for k in STRUCTURED_OUTPUTS_KEYS if value.get(k) not in (None, False)]
+        if len(given) != 1:
+            raise ApiError(400, f"structured_outputs must give exactly one of {', '.join(STRUCTURED_OUTPUTS_KEYS)}, got "
+                                f"{', '.join(given) or 'none'}", param=key)
+        kind = given[0]
+        if kind == "json_object":
+            if value[kind] is not True:
+                raise ApiError(400, f"structured_outputs.json_object must be true, got {short(value[kind])}", param=key)
+            return GuidedDecoding("json_object")
+        return _guided(kind, value[kind], f"structured_outputs.{kind}", key)
+    return _guided(key.removeprefix("guided_"), value, key, key)
+
+
+def _response_format(value) -> GuidedDecoding | None:
+    key = "response_format"
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise ApiError(400, f"response_format must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
+                            f"{{\"type\": \"json_schema\", \"json_schema\": {{\"name\": ..., \"schema\": {{...}}}}}}, got "
+                            f"{short(value)}", param=key)
+    extra = set(value) - {"type", "json_schema"}
+    if extra or (value["type"] != "json_schema" and "json_schema" in value):
+        raise ApiError(400, f"response_format has fields this server does not know: {short(sorted(extra or ['json_schema']))}",
+                       param=key)
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_object":
+        return GuidedDecoding("json_object")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict) or set(spec) - {
+            "name", "schema", "strict", "description"}:
+        raise ApiError(400, "response_format.json_schema must be an object with a schema object (and optionally name, "
+                            f"strict, description), got {short(spec)}", param=key)
+    if not isinstance(spec.get("name", ""), str) or not isinstance(spec.get("description", ""), str) or \
+            not isinstance(spec.get("strict", False), bool):
+        raise ApiError(400, "response_format.json_schema: name and description must be strings, strict true or false",
+                       param=key)
+    return GuidedDecoding.json_schema(spec["schema"])
+
+
+def _guided(kind: str, value, where: str, param: str) -> GuidedDecoding:
+    """kind json (a schema object or its JSON text), regex, grammar (text) or choice (a list of
+    strings), checked for shape; whether it compiles is checked by the engine."""
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ApiError(400, f"{where} must be a JSON schema (an object, or its JSON text)", param=param) from None
+        if not isinstance(value, dict):
+            raise ApiError(400, f"{where} must be a JSON schema object, got {short(value)}", param=param)
+        return GuidedDecoding.json_schema(value)
+    if kind in ("regex", "grammar"):
+        if not isinstance(value, str) or not value:
+            raise ApiError(400, f"{where} must be a non-empty string, got {short(value)}", param=param)
+        return GuidedDecoding(kind, check_text(value, where, param))
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+        raise ApiError(400, f"{where} must be a non-empty list of non-empty strings, got {short(value)}", param=param)
+    return GuidedDecoding("choice", tuple(check_text(c, where, param) for c in value))
+
+
 def echo_flag(body: dict) -> bool:
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
@@ -212,7 +305,7 @@ def sampling_params(body: dict, default_max_tokens: int | None, vocab_size: int,
     for key, (why, off) in UNSUPPORTED.items():
         if key in body and not any(body[key] == v and type(body[key]) is type(v) for v in off):
             raise ApiError(400, f"{why} by this server (got {key}={short(body[key])})", param=key)
-    kwargs: dict = {"logprobs": logprobs_setting(body, chat)}
+    kwargs: dict = {"logprobs": logprobs_setting(body, chat), "guided": guided_decoding(body)}
     for key, kind in NUMERIC.items():
         if body.get(key) is not None:
             kwargs[key] = _number(key, body[key], kind)
