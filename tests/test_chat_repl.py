@@ -1,4 +1,5 @@
-"""`glake chat` driven for real in a pseudo-terminal: a chat turn, every slash command, bad input,
+"""`glake chat` driven for real in a pseudo-terminal: a chat turn, every slash command (/set format
+json included), bad input,
 Ctrl-C mid-reply and on an empty line, a multi-line block, Ctrl-D."""
 
 import os
@@ -43,6 +44,11 @@ def test_chat_turn_commands_and_exit(repl):
     turn(child, "/set top_p abc", "top_p takes a number")
     turn(child, "/set nonsense 1", "usage: /set PARAM VALUE")
     turn(child, "/show", r"temperature\s+0.5")
+    turn(child, "/set format yaml", "format takes json")
+    turn(child, "/set format json", "format = json")
+    turn(child, "/show", r"format\s+json")
+    turn(child, 'Give me a JSON object with the keys "city" and "country" for the capital of France.', r'\{"city": ')
+    turn(child, "/set format off", "format = off")
     turn(child, "/memory", "Page map")
     turn(child, "/stats", "conversation turns")
     turn(child, "/frobnicate", "unknown command /frobnicate")
@@ -51,7 +57,7 @@ def test_chat_turn_commands_and_exit(repl):
     child.sendline("/quit")  # /exit and /bye leave the same way
     child.expect("bye")
     child.expect(pexpect.EOF)
-    assert (tmp / "history").read_text().count("/show") == 1  # input history is kept on disk
+    assert (tmp / "history").read_text().count("/show") == 2  # input history is kept on disk
 
 
 def test_ctrl_c_cancels_a_reply_and_keeps_the_session(repl):

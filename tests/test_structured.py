@@ -101,3 +101,27 @@ def test_what_cannot_be_compiled_or_combined_is_refused(smol_llm):
         SamplingParams(guided=GuidedDecoding("json_object"), ignore_eos=True)
     with pytest.raises(ValueError, match="guided choice must be a non-empty list"):
         GuidedDecoding("choice", ())
+
+
+def test_chat_set_format_json(smol_llm):
+    """`/set format json` in glake chat: replies go through the same structured output, and are JSON
+    objects until `/set format off`."""
+    import io
+
+    from rich.console import Console
+
+    from glakeserve.cli.chat import ChatSession
+
+    shown = io.StringIO()
+    chat = ChatSession(smol_llm, Console(file=shown, width=200), params=SamplingParams(temperature=0, max_tokens=120),
+                       live_memory=False)
+    questions = ['Give me a JSON object with the keys "city" and "country" for the capital of France.',
+                 "Describe a cat as a JSON object with its name and age."]
+    for line in ["/set format json", questions[0], "/clear", questions[1], "/set format off", "/show"]:
+        assert chat.handle(line)
+    assert "format = json" in shown.getvalue() and "format = off" in shown.getvalue()
+    reply = chat.messages[-1]["content"]
+    assert isinstance(json.loads(reply), dict) and chat.params.guided is None, reply
+    chat.handle("/clear")
+    chat.handle(questions[1])  # the same question, free text again
+    assert chat.messages[-1]["content"] != reply

@@ -68,6 +68,8 @@ def chat(
     min_p: Annotated[float, typer.Option()] = 0.0,
     repetition_penalty: Annotated[float, typer.Option()] = 1.0,
     max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 512,
+    reply_format: Annotated[Optional[str], typer.Option(
+        "--format", help="json: every reply is a JSON object (structured output; /set format off lifts it).")] = None,
     live_memory: Annotated[bool, typer.Option(help="Show the KV memory live while a reply streams.")] = True,
     history_file: Annotated[Optional[Path], typer.Option(help="Where the input history is kept.")] = None,
     no_prefix_caching: O.NoPrefixCaching = False,
@@ -81,6 +83,8 @@ def chat(
                                 repetition_penalty=repetition_penalty, max_tokens=max_tokens)
     except ValueError as e:
         fail(str(e))
+    if reply_format not in (None, "json"):
+        fail(f"--format takes json, got {reply_format!r}")
     llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, 1, None, kv_cache_memory, load_format,
                                      kv_layout, seed), enable_prefix_caching=not no_prefix_caching)
     if llm.tokenizer is None or not llm.tokenizer.has_chat_template:
@@ -89,7 +93,10 @@ def chat(
         import platformdirs
 
         history_file = Path(platformdirs.user_data_dir("glakeserve")) / "chat_history"
-    run_repl(ChatSession(llm, console, system=system, params=params, live_memory=live_memory), history_file)
+    session = ChatSession(llm, console, system=system, params=params, live_memory=live_memory)
+    if reply_format is not None:
+        session.set_format(reply_format)
+    run_repl(session, history_file)
 
 
 @app.command()

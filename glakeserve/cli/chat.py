@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from rich.console import Console, Group
@@ -19,6 +19,7 @@ from rich.text import Text
 from glakeserve.cli.memory_view import live_panel, render_snapshot
 from glakeserve.llm import LLM
 from glakeserve.sampling import SamplingParams
+from glakeserve.structured import GuidedDecoding
 
 COMMANDS = {
     "/help": "show this help",
@@ -28,7 +29,8 @@ COMMANDS = {
     "/clear": "start a new conversation and free its KV memory",
     "/system": "/system TEXT: set the system prompt (and start a new conversation)",
     "/set": "/set PARAM VALUE: temperature, top_p, top_k, min_p, max_tokens, min_tokens, seed, "
-            "repetition_penalty, presence_penalty, frequency_penalty, live_memory",
+            "repetition_penalty, presence_penalty, frequency_penalty, live_memory, format (json or off: "
+            "replies constrained to a JSON object)",
     "/show": "show the current settings",
     "/memory": "show the KV allocator: pool, slots, page map",
     "/stats": "show engine counters: tokens, preemptions, mapping waits",
@@ -110,8 +112,11 @@ class ChatSession:
                 return
             self.live_memory = value.lower() in ("on", "true", "1")
             return
+        if key == "format":
+            self.set_format(value)
+            return
         if key not in SETTABLE or not value:
-            self.error(f"usage: /set PARAM VALUE with PARAM one of {', '.join(SETTABLE)}, live_memory")
+            self.error(f"usage: /set PARAM VALUE with PARAM one of {', '.join(SETTABLE)}, live_memory, format")
             return
         try:
             typed = None if value.lower() == "none" else (float(value) if "float" in str(SETTABLE[key]) else int(value))
@@ -119,11 +124,27 @@ class ChatSession:
             self.error(f"{key} takes a number, got {value!r}")
             return
         try:
-            self.params = SamplingParams(**{**asdict(self.params), key: typed})
+            self.params = replace(self.params, **{key: typed})
         except ValueError as e:
             self.error(str(e))
             return
         self.console.print(f"[dim]{key} = {typed}[/dim]")
+
+    def set_format(self, value: str) -> None:
+        """json: every reply is a JSON object, through the engine's structured output (a grammar
+        masks the logits); off: free text."""
+        if value.lower() not in ("json", "off"):
+            self.error("format takes json (replies are JSON objects) or off")
+            return
+        guided = GuidedDecoding("json_object") if value.lower() == "json" else None
+        try:
+            if guided is not None:
+                self.llm.engine.compile_guided(guided)
+            self.params = replace(self.params, guided=guided)
+        except ValueError as e:
+            self.error(str(e))
+            return
+        self.console.print(f"[dim]format = {format_name(self.params)}[/dim]")
 
     def show(self) -> None:
         e = self.llm.engine
@@ -133,6 +154,7 @@ class ChatSession:
         t.add_row("system", self.system or "(the model's default)")
         for key in SETTABLE:
             t.add_row(key, str(getattr(self.params, key)))
+        t.add_row("format", format_name(self.params))
         t.add_row("live_memory", "on" if self.live_memory else "off")
         self.console.print(t)
 
@@ -215,6 +237,14 @@ class ChatSession:
         gen_rate = (n - 1) / gen if n > 1 and gen > 0 else 0.0
         return (f"[prompt {out.num_prompt_tokens} tok, {out.num_prompt_tokens / ttft:.1f} tok/s | "
                 f"generated {n} tok, {gen_rate:.1f} tok/s]")
+
+
+def format_name(params: SamplingParams) -> str:
+    """What /show and /set print for the reply format: off, json (any JSON object), or the kind of
+    another constraint the params came with."""
+    if params.guided is None:
+        return "off"
+    return "json" if params.guided.kind == "json_object" else params.guided.kind
 
 
 def read_message(session, first: str) -> str:
