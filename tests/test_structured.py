@@ -125,3 +125,29 @@ def test_chat_set_format_json(smol_llm):
     chat.handle("/clear")
     chat.handle(questions[1])  # the same question, free text again
     assert chat.messages[-1]["content"] != reply
+
+
+@pytest.mark.parametrize("vocab", [1, 31, 32, 33, 1000])
+def test_bitmask_masks_exactly_the_disallowed_tokens(vocab):
+    """Bit j of word w allows token 32w + j (the sign bit included); rows without a grammar are
+    untouched. Checked against a per-token reference on random masks."""
+    import torch
+
+    from glakeserve.sampling import _apply_token_bitmask
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(5, vocab, generator=g)
+    rows = [0, 2, 3]
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-2**31, 2**31 - 1, (len(rows), words), dtype=torch.int32, generator=g)
+    bitmask[0] = -1  # every token allowed
+    masked = logits.clone()
+    _apply_token_bitmask(masked, rows, bitmask, lambda v, dtype: torch.tensor(v, dtype=dtype))
+    for r in range(5):
+        for t in range(vocab):
+            if r in rows:
+                word = int(bitmask[rows.index(r), t // 32]) & 0xFFFFFFFF
+                allowed = (word >> (t % 32)) & 1
+            else:
+                allowed = 1
+            assert masked[r, t] == (logits[r, t] if allowed else float("-inf")), (r, t)
