@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -21,9 +22,10 @@ from glakeserve.kv import make_kv_cache
 from glakeserve.model.loader import ModelSource, load_model, model_config, resolve_model
 from glakeserve.model_runner import LaunchedStep, ModelRunner
 from glakeserve.profiling import DeviceTimeline, PhaseClock
-from glakeserve.request import Request, RequestMetrics, RequestOutput
+from glakeserve.request import Request, RequestMetrics, RequestOutput, RequestStatus
 from glakeserve.sampling import SamplingParams
 from glakeserve.scheduler import Scheduler
+from glakeserve.structured import GrammarBackend, GuidedDecoding
 from glakeserve.tokenizer import Tokenizer, detokenize_step
 
 DTYPES = {
@@ -129,6 +131,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "finished": 0}
+        self._grammar: GrammarBackend | None = None  # made on the first guided request
+        self._grammar_lock = threading.Lock()
 
     # ----- requests ---------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -169,25 +173,49 @@ class LLMEngine:
             out_of_vocab = [t for t in params.stop_token_ids if t >= vocab]
             if out_of_vocab:
                 raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {out_of_vocab[:5]}")
+            if params.guided is not None:
+                self.compile_guided(params.guided)
+            out_of_vocab = [t for t in params.logit_bias if t >= vocab]
+            if out_of_vocab:
+                raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}), got {out_of_vocab[:5]}")
         return text, ids
 
+    def compile_guided(self, guided: GuidedDecoding):
+        """The compiled grammar (cached by spec), or a ValueError naming what cannot be compiled.
+        Safe to call from another thread (the server's tokenizer thread does)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                if self.tokenizer is None:
+                    raise ValueError("guided decoding needs the model's tokenizer, and this model has none")
+                self._grammar = GrammarBackend(self.tokenizer.hf, self.model_config.vocab_size, self.eos_token_ids)
+        return self._grammar.compile(guided)
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None, stream: bool = True) -> str:
-        """Validates and queues one request; raises ValueError (and changes nothing) when it is bad.
+                    request_id: str | None = None, arrival_time: float | None = None, stream: bool = True,
+                    share_prompt_of: str | None = None, index: int = 0) -> str:
+        """Validates and queues one sequence; raises ValueError (and changes nothing) when it is bad.
         stream: step() returns an output for it every step, with the new text; else only at the end
-        (cheaper: the text is decoded once)."""
+        (cheaper: the text is decoded once). A request with n > 1 is n calls, one per
+        params.for_sequence(i) with index i: sequences after the first name the first's id in
+        share_prompt_of, and wait for its prompt to be launched, then share its KV pages."""
         params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError(f"add_request adds one sequence, got n={params.n}: add each of the n with "
+                             f"params.for_sequence(i) (LLM.generate does)")
         text, ids = self.validate_request(prompt, params)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        first = self.requests.get(share_prompt_of) if share_prompt_of is not None else None
         room = self.max_model_len - len(ids)
         req = Request(
             request_id=request_id, prompt_token_ids=ids, params=params,
             seed=params.seed if params.seed is not None else self._rng.getrandbits(62),
             metrics=RequestMetrics(arrival_time if arrival_time is not None else time.monotonic()),
             max_tokens=min(params.max_tokens or room, room), prompt=text, stream=stream,
-            prefix_offset=max(0, len(ids) - 5), read_offset=len(ids),
+            prefix_offset=max(0, len(ids) - 5), read_offset=len(ids), index=index,
+            share_prompt_of=first if first is not None and first.prompt_token_ids == ids else None,
+            matcher=self._grammar.matcher(params.guided) if params.guided is not None else None,
         )
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -237,13 +265,19 @@ class LLMEngine:
         return outputs
 
     def _needs_known_outputs(self) -> bool:
-        """Penalties count a request's output tokens on the host: with one of them running, the
-        step in flight is read before the next is scheduled (that step is not overlapped)."""
-        return any(r.params.uses_penalties for r in self.scheduler.running)
+        """Penalties count a request's output tokens on the host, and a grammar's mask depends on the
+        last token: with such a request running, the step in flight is read before the next is
+        scheduled (that step is not overlapped)."""
+        return any(r.params.uses_penalties or r.matcher is not None for r in self.scheduler.running)
 
     def _update(self, step: LaunchedStep) -> list[RequestOutput]:
-        tokens = self.runner.read(step)
-        got = self.scheduler.update(step.batch, tokens)
+        tokens, logprobs = self.runner.read(step)
+        got = self.scheduler.update(step.batch, tokens, logprobs)
+        for req in got:  # each grammar moves past its request's token (the next mask depends on it)
+            if req.matcher is not None and not req.matcher.accept_token(req.output_token_ids[-1]):
+                req.error = f"the grammar rejected token {req.output_token_ids[-1]}, which its mask allowed"
+                if req.status is not RequestStatus.FINISHED:
+                    self.scheduler.finish(req, "abort")
         self.clock.lap("update")
         outputs = self._postprocess(got)
         self.clock.lap("postprocess")
@@ -295,11 +329,15 @@ class LLMEngine:
             upto = max(req.emitted, len(req.text) - hold)
             delta_text = req.text[req.emitted:upto]
             req.emitted = upto
+        wants_logprobs = req.params.logprobs is not None
         return RequestOutput(
             request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
             text=req.text, token_ids=list(req.output_token_ids), finished=req.finished,
             finish_reason=req.finish_reason, stop_reason=req.stop_reason, delta_text=delta_text,
             delta_token_ids=delta_ids, metrics=req.metrics, num_preemptions=req.num_preemptions, error=req.error,
+            num_cached_tokens=req.num_cached_tokens, index=req.index,
+            logprobs=list(req.output_logprobs) if wants_logprobs and (req.finished or not req.stream) else None,
+            delta_logprobs=req.output_logprobs[len(req.output_logprobs) - len(delta_ids):] if wants_logprobs else None,
         )
 
     # ----- inspection -------------------------------------------------------------------------

@@ -41,10 +41,16 @@ class LLM:
                 self.engine.validate_request(p, sp)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        return [self.engine.add_request(p, sp, stream=stream) for p, sp in zip(prompts, plist)]
+        ids = []
+        for p, sp in zip(prompts, plist):
+            for i in range(sp.n):  # n sequences: the first's prompt KV is shared by the others
+                ids.append(self.engine.add_request(p, sp.for_sequence(i), stream=stream, index=i,
+                                                   share_prompt_of=ids[-i] if i else None))
+        return ids
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params=None) -> list[RequestOutput]:
-        """Runs prompts to completion; outputs in the order of the prompts."""
+        """Runs prompts to completion; outputs in the order of the prompts, with SamplingParams.n
+        > 1 the n sequences of a prompt one after the other (RequestOutput.index 0..n-1)."""
         ids = self._submit(prompts, sampling_params)
         final: dict[str, RequestOutput] = {}
         pending = set(ids)

@@ -18,7 +18,8 @@ from glakeserve.attention.base import AttentionBackend, AttentionMetadata
 from glakeserve.kv import KVCache
 from glakeserve.model.llama import LlamaModel
 from glakeserve.profiling import DeviceTimeline, PhaseClock
-from glakeserve.sampling import SamplingBatch, sample
+from glakeserve.request import TokenLogprob
+from glakeserve.sampling import Sampled, SamplingBatch, sample_with_logprobs
 from glakeserve.scheduler import ScheduledBatch
 
 
@@ -121,6 +122,15 @@ class DecodeGraphs:
         return hidden[:b]
 
 
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A device tensor copied into fresh pinned memory without waiting (the copy lands by the step's
+    event); on the CPU, the tensor itself."""
+    if t is None or t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 @dataclass
 class LaunchedStep:
     """A step queued on the device: read() waits for `event` and returns the tokens."""
@@ -130,6 +140,7 @@ class LaunchedStep:
     event: torch.cuda.Event | None
     path: str  # "graph" or "eager"
     start: torch.cuda.Event | None = None  # with a DeviceTimeline: the step's device work starts here
+    logprobs: Sampled | None = None  # the samplers' logprobs (pinned host copies on a GPU), when asked for
 
 
 class ModelRunner:
@@ -181,17 +192,20 @@ class ModelRunner:
                                               to_device=staging.put)
             tokens = resolve_pending(staging.put(ids, torch.int64), meta.token_slots, self.last_token)
             hidden = self.model.forward(tokens, meta.positions, self.kv, self.attn, meta)
-        sampled = None
+        sampled = logprobs = None
         if batch.samplers:
             rows = hidden if len(last_index) == hidden.shape[0] else hidden[staging.put(last_index, torch.int64)]
             logits = self.model.logits(rows)
-            out = sample(logits, self.sampling_batch(batch), to_device=staging.put)
+            result = sample_with_logprobs(logits, self.sampling_batch(batch), to_device=staging.put)
+            out = result.tokens
             self.last_token.index_copy_(0, staging.put([r.slot.index for r in batch.samplers], torch.int64), out)
             if staging.cuda:
                 sampled = staging.result[:out.numel()]
                 sampled.copy_(out, non_blocking=True)
             else:
                 sampled = out
+            if result.logprobs is not None:
+                logprobs = Sampled(sampled, result.logprob_rows, _to_host(result.logprobs), _to_host(result.top_ids))
         event = None
         if self.device.type == "cuda":
             event = DeviceTimeline.mark() if self.timeline is not None else torch.cuda.Event()
@@ -199,16 +213,26 @@ class ModelRunner:
         self.clock.lap("launch")
         self.kv.end_step(batch, event)
         self.clock.lap("kv_end")
-        return LaunchedStep(batch, sampled, event, path, started)
+        return LaunchedStep(batch, sampled, event, path, started, logprobs)
 
-    def read(self, step: LaunchedStep) -> list[int]:
-        """The step's sampled tokens, one per sampler (waits for the device: the one wait of a step)."""
+    def read(self, step: LaunchedStep) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The step's sampled tokens, one per sampler, and their logprobs (None for a sampler that did
+        not ask). Waits for the device: the one wait of a step."""
         if step.event is not None:
             step.event.synchronize()
             if step.start is not None:
                 self.timeline.add(step.start, step.event)
         self.clock.lap("gpu_wait")
-        return [] if step.tokens is None else step.tokens.tolist()
+        tokens = [] if step.tokens is None else step.tokens.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(tokens)
+        if step.logprobs is not None:
+            lp = step.logprobs
+            values = lp.logprobs.tolist()
+            top_ids = lp.top_ids.tolist() if lp.top_ids is not None else [[] for _ in values]
+            for row, vals, ids in zip(lp.logprob_rows, values, top_ids):
+                k = step.batch.samplers[row].params.logprobs
+                logprobs[row] = TokenLogprob(tokens[row], vals[0], list(zip(ids[:k], vals[1:k + 1])))
+        return tokens, logprobs
 
     def sampling_batch(self, batch: ScheduledBatch) -> SamplingBatch:
         reqs = batch.samplers
@@ -218,6 +242,14 @@ class ModelRunner:
                 banned.append(list(r.params.stop_token_ids) + ([] if r.params.ignore_eos else list(self.eos_token_ids)))
             else:
                 banned.append([])
+        mask_rows = [i for i, r in enumerate(reqs) if r.matcher is not None]
+        bitmask = None
+        if mask_rows:  # the grammars' allowed tokens, filled on the host, copied without waiting
+            words = (self.model.cfg.vocab_size + 31) // 32
+            host = torch.empty((len(mask_rows), words), dtype=torch.int32, pin_memory=self.device.type == "cuda")
+            for j, i in enumerate(mask_rows):
+                reqs[i].matcher.fill_next_token_bitmask(host, j)
+            bitmask = host.to(self.device, non_blocking=True)
         return SamplingBatch(
             params=[r.params for r in reqs],
             seeds=[r.seed for r in reqs],
@@ -225,4 +257,6 @@ class ModelRunner:
             output_ids=[r.output_token_ids for r in reqs],
             prompt_ids=[r.prompt_token_ids for r in reqs],
             banned=banned,
+            mask_rows=mask_rows,
+            token_bitmask=bitmask,
         )

@@ -14,6 +14,15 @@ from enum import Enum
 from glakeserve.sampling import SamplingParams
 
 
+@dataclass
+class TokenLogprob:
+    """A sampled token's processed logprob and the top-k tokens' (SamplingParams.logprobs = k)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
 class RequestStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -48,6 +57,7 @@ class Request:
     prompt: str | None = None
     stream: bool = False  # outputs every step, with incremental text; else one output at the end
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if asked for
     num_computed_tokens: int = 0  # tokens whose KV is computed or being computed by a launched step
     num_pending: int = 0  # tokens sampled by launched steps whose ids have not been read yet
     status: RequestStatus = RequestStatus.WAITING
@@ -56,6 +66,11 @@ class Request:
     stop_reason: str | int | None = None
     error: str | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served at the first admission
+    index: int = 0  # which of its request's n sequences this is
+    share_prompt_of: Request | None = None  # sequence 0 of its request: admitted once that prompt is launched
+    prompt_scheduled: int | None = None  # the schedule() call that scheduled the prompt's last token
+    matcher: object | None = None  # with SamplingParams.guided: the grammar's state (structured.GrammarBackend)
     # incremental detokenization
     text: str = ""
     emitted: int = 0  # characters of text already returned as deltas
@@ -109,6 +124,10 @@ class RequestOutput:
     metrics: RequestMetrics
     num_preemptions: int = 0
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
+    index: int = 0  # which of its request's n sequences (SamplingParams.n) this output is
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when SamplingParams.logprobs is set
+    delta_logprobs: list[TokenLogprob] | None = None  # of delta_token_ids
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -12,9 +12,15 @@ kernel (sampling_kernel.py); on a CPU its torch twin below computes the same fun
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from glakeserve.structured import GuidedDecoding
+
+
+MAX_LOGPROBS = 20  # top logprobs per token, at most (OpenAI's limit)
+MAX_N = 128  # sequences per request, at most
 
 
 @dataclass
@@ -35,20 +41,24 @@ class SamplingParams:
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's)
+    logprobs: int | None = None  # the sampled token's logprob and the top N's (0-20); None: none
+    guided: GuidedDecoding | None = None  # output constrained to a JSON schema, any JSON, a regex or a choice
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         self.validate()
 
     def validate(self) -> None:
         def fail(msg: str) -> None:
             raise ValueError(msg)
 
-        if self.n != 1:
-            fail(f"n must be 1, got {self.n}: GlakeServe returns one completion per request")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            fail(f"n must be an integer in [1, {MAX_N}], got {self.n}.")
         if not self.temperature >= 0.0:
             fail(f"temperature must be non-negative (0 means greedy), got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
@@ -75,6 +85,26 @@ class SamplingParams:
             fail(f"stop must be non-empty strings, got {self.stop!r}.")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             fail(f"stop_token_ids must be non-negative token ids, got {self.stop_token_ids!r}.")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            fail(f"logprobs must be in [0, {MAX_LOGPROBS}] (top tokens besides the sampled one) or None, got "
+                 f"{self.logprobs}.")
+        if self.guided is not None:
+            if not isinstance(self.guided, GuidedDecoding):
+                fail(f"guided must be a GuidedDecoding, got {type(self.guided).__name__}.")
+            if self.ignore_eos or self.min_tokens:
+                fail("guided decoding ends where its grammar does: it cannot be combined with ignore_eos or "
+                     "min_tokens.")
+        for t, v in self.logit_bias.items():
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                fail(f"logit_bias keys must be non-negative token ids, got {t!r}.")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100.0 <= v <= 100.0:
+                fail(f"logit_bias values must be numbers in [-100, 100], got {v!r} for token {t}.")
+
+    def for_sequence(self, i: int) -> SamplingParams:
+        """The params of sequence i of n: n = 1, and a given seed becomes seed + i (so the n
+        sequences differ under sampling and each is reproducible)."""
+        seed = None if self.seed is None else (self.seed + i) % 2**63
+        return replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:
@@ -111,7 +141,14 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch
     """[batch, vocab] floats in (0, 1), a pure function of (seed, step, token id)."""
     tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
     bits = mix32((row_keys(seeds, steps)[:, None] + tok[None, :] * GOLDEN32) & M32)
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # top 24 bits
+    return bits_to_uniform(bits)
+
+
+def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """32 random bits -> a float32 strictly inside (0, 1): the top 23 bits, centred. (With 24 bits the
+    largest value, 2**24 - 0.5, rounds up to 2**24 in float32: u = 1 made the Gumbel noise +inf, so
+    a token cut to -inf could come out as NaN and win the argmax.)"""
+    return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 def gumbel_argmax_torch(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor,
@@ -135,6 +172,8 @@ class SamplingBatch:
     output_ids: list[list[int]]
     prompt_ids: list[list[int]]
     banned: list[list[int]] = field(default_factory=list)  # token ids to forbid now (min_tokens)
+    mask_rows: list[int] = field(default_factory=list)  # rows constrained by a grammar
+    token_bitmask: torch.Tensor | None = None  # [len(mask_rows), ceil(vocab / 32)] int32 on the device: allowed tokens
 
 
 def _apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> None:
@@ -153,6 +192,17 @@ def _apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> None:
             penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
             logits[i] = torch.where(seen, penalized, row)
         logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+
+
+def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams], to_device) -> None:
+    """Adds each request's sparse bias to its row, in one scatter on the logits' device."""
+    rows, cols, values = [], [], []
+    for i, p in enumerate(params):
+        rows += [i] * len(p.logit_bias)
+        cols += p.logit_bias.keys()
+        values += p.logit_bias.values()
+    logits.index_put_((to_device(rows, torch.int64), to_device(cols, torch.int64)),
+                      to_device(values, torch.float32), accumulate=True)
 
 
 def _filter(logits: torch.Tensor, params: list[SamplingParams], to_device) -> torch.Tensor:
@@ -186,23 +236,83 @@ def needs_filter(p: SamplingParams) -> bool:
     return p.temperature > 0 and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
 
 
+@dataclass
+class Sampled:
+    """What a sampling pass leaves on the device. Logprobs are *processed* ones (vLLM's term): the
+    log-softmax of the logits after logit bias, penalties, bans and temperature, before the top-k,
+    top-p and min-p cuts; they cover only the rows whose request asked for them."""
+
+    tokens: torch.Tensor  # [batch] int64
+    logprob_rows: list[int] = field(default_factory=list)  # batch rows with logprobs, in order
+    logprobs: torch.Tensor | None = None  # [rows, 1 + k] float32: the sampled token's, then the top k's
+    top_ids: torch.Tensor | None = None  # [rows, k] int64: the k most likely tokens, best first
+
+
 def sample(logits: torch.Tensor, b: SamplingBatch, to_device=None) -> torch.Tensor:
-    """logits [batch, vocab] float32 -> token ids [batch] (int64, on the logits' device).
-    to_device(values, dtype) makes the small per-request tensors (the GPU runner stages them so
-    that nothing waits); by default, torch.tensor. A batch with no penalties, bans, top-k, top-p or
-    min-p takes one pass over its logits; the others are filtered first."""
+    """logits [batch, vocab] float32 -> token ids [batch] (int64, on the logits' device)."""
+    return sample_with_logprobs(logits, b, to_device).tokens
+
+
+def sample_with_logprobs(logits: torch.Tensor, b: SamplingBatch, to_device=None) -> Sampled:
+    """The tokens and, for the requests that set `logprobs`, their logprobs; nothing waits for the
+    device. to_device(values, dtype) makes the small per-request tensors (the GPU runner stages them
+    so that nothing waits); by default, torch.tensor. A batch with no logit bias, penalties, bans,
+    top-k, top-p or min-p takes one pass over its logits; the others are filtered first. Order:
+    logit bias, penalties, bans (min_tokens), grammar masks, then temperature and the cuts."""
     dev = logits.device
     if to_device is None:
         def to_device(values, dtype):
             return torch.tensor(values, dtype=dtype, device=dev)
 
-    if any(p.uses_penalties for p in b.params) or any(b.banned):
+    logits = _process(logits, b, to_device)
+    tokens = _pick(logits, b, to_device)
+    rows = [i for i, p in enumerate(b.params) if p.logprobs is not None]
+    if not rows:
+        return Sampled(tokens)
+    k = max(b.params[i].logprobs for i in rows)
+    if len(rows) < len(b.params):
+        index = to_device(rows, torch.int64)
+        logits, chosen = logits[index], tokens[index]
+    else:
+        chosen = tokens
+    temps = to_device([b.params[i].temperature or 1.0 for i in rows], torch.float32)
+    lp = torch.log_softmax(logits.float() / temps[:, None], dim=-1)  # [rows, vocab]
+    values = lp.gather(1, chosen[:, None])
+    top_ids = None
+    if k:
+        top = lp.topk(k, dim=-1)
+        values, top_ids = torch.cat([values, top.values], dim=1), top.indices
+    return Sampled(tokens, rows, values, top_ids)
+
+
+def _process(logits: torch.Tensor, b: SamplingBatch, to_device) -> torch.Tensor:
+    """Logit bias, penalties, bans and grammar masks, on a copy (the logits of a batch without them are returned as
+    they are)."""
+    if any(p.uses_penalties or p.logit_bias for p in b.params) or any(b.banned) or b.mask_rows:
         logits = logits.clone()
+        if any(p.logit_bias for p in b.params):
+            _apply_logit_bias(logits, b.params, to_device)
         if any(p.uses_penalties for p in b.params):
             _apply_penalties(logits, b)
         for i, banned in enumerate(b.banned):
             if banned:
                 logits[i, banned] = float("-inf")
+        if b.mask_rows:
+            _apply_token_bitmask(logits, b.mask_rows, b.token_bitmask, to_device)
+    return logits
+
+
+def _apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor, to_device) -> None:
+    """-inf for every token a row's grammar does not allow now: bit j of word w allows token 32w + j."""
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :logits.shape[1]]  # [rows, vocab]
+    index = to_device(rows, torch.int64)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
+def _pick(logits: torch.Tensor, b: SamplingBatch, to_device) -> torch.Tensor:
+    """Temperature, the cuts, and the Gumbel-max pass."""
+    dev = logits.device
     if any(needs_filter(p) for p in b.params):
         logits = _filter(logits, b.params, to_device)  # tempered: the pass samples at temperature 1
         temps = [0.0 if p.greedy else 1.0 for p in b.params]

@@ -38,7 +38,7 @@ def _gumbel_argmax_kernel(logits, l_row, temps, seeds, steps, out, V, BLOCK: tl.
         mask = v < V
         x = tl.load(logits + r.to(tl.int64) * l_row + v, mask=mask, other=float("-inf")).to(tl.float32)
         bits = _mix32(key + v.to(tl.uint32) * golden)
-        u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # strictly inside (0, 1): sampling.bits_to_uniform
         noisy = x * inv_temp - tl.log(-tl.log(u))
         k = tl.where(greedy, x, noisy)
         k = tl.where(mask, k, float("-inf"))

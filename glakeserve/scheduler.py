@@ -47,6 +47,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_schedules = 0
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -55,6 +56,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        self.num_schedules += 1
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         # 1. running requests, oldest first; the newest are preempted when memory runs out
@@ -80,6 +82,8 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_pending:  # preempted with a token in flight: admitted once it is read
                 break
+            if not self._prompt_shared(req):
+                break
             if not self.kv.admit(req):
                 break
             n = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -96,35 +100,50 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.monotonic()
+                req.num_cached_tokens = req.num_computed_tokens  # what admission found in the prefix cache
+            req.share_prompt_of = None
             self.running.append(req)
             self._add(batch, req, n)
             budget -= n
         # the next admissions, so the cache can map their blocks while this step runs
         seats = min(UPCOMING, max(0, self.max_num_seqs - len(self.running)) + FINISHING)
-        batch.upcoming = [r for _, r in zip(range(seats), self.waiting) if not r.num_pending]
+        batch.upcoming = [r for _, r in zip(range(seats), self.waiting) if not r.num_pending and self._prompt_shared(r)]
         return batch
 
-    @staticmethod
-    def _add(batch: ScheduledBatch, req: Request, n: int) -> None:
+    def _prompt_shared(self, req: Request) -> bool:
+        """Sequences 1..n-1 of a request wait until sequence 0's prompt has been launched by an earlier
+        step: its KV blocks are then in the prefix cache, and admission maps them into the waiting
+        sequences' slots as aliases, so the n sequences share one prefill (only a last, partial block
+        is computed again)."""
+        first = req.share_prompt_of
+        return first is None or first.finished or (first.prompt_scheduled is not None
+                                                   and first.prompt_scheduled < self.num_schedules)
+
+    def _add(self, batch: ScheduledBatch, req: Request, n: int) -> None:
         batch.requests.append(req)
         batch.num_new_tokens.append(n)
         batch.starts.append(req.num_computed_tokens)
         req.num_computed_tokens += n
+        if req.prompt_scheduled is None and req.num_computed_tokens >= len(req.prompt_token_ids):
+            req.prompt_scheduled = self.num_schedules
         if req.num_computed_tokens == req.num_tokens:  # every known token computed: the step samples the next
             batch.samplers.append(req)
             batch.sample_steps.append(req.num_scheduled_outputs)
             req.num_pending += 1
 
-    def update(self, batch: ScheduledBatch, sampled: list[int]) -> list[Request]:
-        """Takes the step's sampled tokens (one per batch.samplers). Returns the requests that got one
-        (finished ones included); token-based stops (EOS, stop token ids, max_tokens) end them here.
-        A request that finished or was aborted while the step ran drops its token."""
+    def update(self, batch: ScheduledBatch, sampled: list[int], logprobs: list | None = None) -> list[Request]:
+        """Takes the step's sampled tokens (one per batch.samplers) and their logprobs (None where not
+        asked for). Returns the requests that got one (finished ones included); token-based stops
+        (EOS, stop token ids, max_tokens) end them here. A request that finished or was aborted while
+        the step ran drops its token."""
         got = []
-        for req, token in zip(batch.samplers, sampled):
+        for req, token, lp in zip(batch.samplers, sampled, logprobs or [None] * len(sampled)):
             req.num_pending -= 1
             if req.status is RequestStatus.FINISHED:
                 continue
             req.output_token_ids.append(token)
+            if lp is not None:
+                req.output_logprobs.append(lp)
             got.append(req)
             p = req.params  # (before min_tokens, the sampler never picks a stop token)
             if token in self.eos_token_ids and not p.ignore_eos:

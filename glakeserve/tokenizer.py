@@ -7,6 +7,19 @@ from pathlib import Path
 REPLACEMENT = "\ufffd"  # what a decoder emits for bytes of an unfinished UTF-8 character
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE writes each byte as one printable character: printable Latin-1 bytes stand
+    for themselves, the others take the code points from 256 on, in byte order. Char -> byte."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    out = {chr(b): b for b in keep}
+    for i, b in enumerate(b for b in range(256) if b not in set(keep)):
+        out[chr(256 + i)] = b
+    return out
+
+
+BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class Tokenizer:
     def __init__(self, path: Path):
         from transformers import AutoTokenizer
@@ -15,12 +28,27 @@ class Tokenizer:
         self.vocab_size = len(self.hf)
         self.eos_token_id = self.hf.eos_token_id
         self.has_chat_template = bool(getattr(self.hf, "chat_template", None))
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        self._byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own (as OpenAI's logprobs show it)."""
+        return self.hf.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """One token's UTF-8 bytes: exact for byte-level BPE vocabularies (a token may hold part of
+        a character), else the bytes of its text."""
+        if self._byte_level:
+            piece = self.hf.convert_ids_to_tokens(token_id)
+            if piece is not None and all(c in BYTE_OF_CHAR for c in piece):
+                return [BYTE_OF_CHAR[c] for c in piece]
+        return list(self.token_text(token_id).encode("utf-8"))
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.has_chat_template:

@@ -1,4 +1,5 @@
-"""`glake chat` driven for real in a pseudo-terminal: a chat turn, every slash command, bad input,
+"""`glake chat` driven for real in a pseudo-terminal: a chat turn, every slash command (/set format
+json included), bad input,
 Ctrl-C mid-reply and on an empty line, a multi-line block, Ctrl-D; a conversation that outgrows the
 context; /save and /load; and the one-shot and piped modes scripts use."""
 
@@ -58,15 +59,19 @@ def test_chat_turn_commands_and_exit(repl):
     turn(child, "/set nonsense 1", "usage: /set PARAM VALUE")
     turn(child, "/show", r"temperature\s+0.5")
     turn(child, "/show info", r"KV page\s+[\d.]+ [KMG]iB, \d+ tokens a page")
+    turn(child, "/set format json", "format = json")
+    turn(child, "/show", r"format\s+json")
+    turn(child, 'Give me a JSON object with the keys "city" and "country" for the capital of France.', r'\{')
+    turn(child, "/set format off", "format = off")
     turn(child, "/memory", "Page map")
-    turn(child, "/stats", r"conversation turns\s+1")
+    turn(child, "/stats", r"conversation turns\s+2")
     turn(child, "/frobnicate", "unknown command /frobnicate")
     turn(child, "/system You are a pirate.", "System prompt set")
     turn(child, "/clear", "its KV memory is free")
     child.sendline("/quit")  # /exit and /bye leave the same way
     child.expect("bye")
     child.expect(pexpect.EOF)
-    assert (tmp / "history").read_text().count("/show") == 2  # input history is kept on disk
+    assert (tmp / "history").read_text().count("/show") == 3  # input history is kept on disk
 
 
 def screen_text(child, rows=40, cols=140) -> list[str]:
@@ -120,7 +125,7 @@ def test_full_context_drops_old_turns_bad_settings_and_save_load(tmp_path, smoll
     turn(child, "/set top_p nan", "top_p must be a finite number")
     turn(child, "/set max_tokens 100000", "max_tokens must be less than the context of 160 tokens")
     turn(child, "/set max_tokens 1.5", "max_tokens takes a whole number")
-    turn(child, "/set format json", "not supported by GlakeServe yet")
+    turn(child, "/set format yaml", "format takes json")
     turn(child, "/show", r"max_tokens\s+32")
     things = ("an apple", "the sea", "a cat", "Paris", "a tree")
     questions = [f"Describe {thing} in three sentences." for thing in things]

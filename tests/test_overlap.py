@@ -1,6 +1,6 @@
 """Overlapped scheduling (a step launched before the last one's tokens are read) against the serial
 engine on the CPU, where the same code paths run: outputs, finish reasons and streamed deltas must be
-identical for greedy and seeded sampling, stop strings, stop token ids, min_tokens, max_tokens,
+identical for greedy and seeded sampling (logprobs too), stop strings, stop token ids, min_tokens, max_tokens,
 penalties, aborts mid-flight and preemption under a tiny pool."""
 
 import os
@@ -35,7 +35,8 @@ def serve(eng: LLMEngine, plan: list) -> dict:
             i = ids[out.request_id]
             deltas.setdefault(i, []).extend(out.delta_token_ids)
             if out.finished and i not in result:
-                result[i] = (out.token_ids, out.finish_reason, out.stop_reason)
+                logprobs = [(lp.token_id, round(lp.logprob, 3), [t for t, _ in lp.top]) for lp in out.logprobs or []]
+                result[i] = (out.token_ids, out.finish_reason, out.stop_reason, logprobs)
         step += 1
         assert step < 3000
     return {"result": result, "deltas": {i: d for i, d in deltas.items() if result[i] != ("aborted",)}}
@@ -50,7 +51,7 @@ def random_plan(rng: random.Random, n: int = 14) -> list:
             params = SamplingParams(temperature=0, max_tokens=rng.randrange(1, 20), ignore_eos=True)
         elif kind == 1:
             params = SamplingParams(temperature=0.9, top_p=0.9, seed=rng.randrange(1 << 30),
-                                    max_tokens=rng.randrange(1, 20), ignore_eos=True)
+                                    max_tokens=rng.randrange(1, 20), ignore_eos=True, logprobs=rng.choice([None, 0, 3]))
         elif kind == 2:  # stop token ids: whatever greedy picks often enough ends it early
             params = SamplingParams(temperature=1.0, seed=rng.randrange(1 << 30), max_tokens=20,
                                     stop_token_ids=[rng.randrange(3, 1000) for _ in range(60)],

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from glakeserve.sampling import SamplingBatch, SamplingParams, sample, uniform_noise
+from glakeserve.sampling import SamplingBatch, SamplingParams, bits_to_uniform, sample, uniform_noise
 
 # ----- validation: every rule, its message naming the field, the value and the range --------------
 BAD = [
@@ -22,10 +22,13 @@ BAD = [
     (dict(max_tokens=0), r"max_tokens must be at least 1, got 0"),
     (dict(min_tokens=-1), r"min_tokens must be greater than or equal to 0, got -1"),
     (dict(min_tokens=5, max_tokens=3), r"min_tokens must be less than or equal to max_tokens=3, got 5"),
-    (dict(n=2), r"n must be 1, got 2"),
+    (dict(n=0), r"n must be an integer in \[1, 128\], got 0"),
     (dict(seed=-1), r"seed must be in \[0, 2\*\*63\), got -1"),
     (dict(stop=[""]), r"stop must be non-empty strings"),
     (dict(stop_token_ids=[-4]), r"stop_token_ids must be non-negative token ids"),
+    (dict(logit_bias={3: 100.5}), r"logit_bias values must be numbers in \[-100, 100\], got 100.5 for token 3"),
+    (dict(logit_bias={-1: 1.0}), r"logit_bias keys must be non-negative token ids, got -1"),
+    (dict(logit_bias={"7": 1.0}), r"logit_bias keys must be non-negative token ids, got '7'"),
 ]
 
 
@@ -50,6 +53,24 @@ def test_noise_is_a_pure_function_and_uniform():
     assert 0 < float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.01
     assert not torch.equal(uniform_noise(torch.tensor([1]), torch.tensor([1]), 10)[0], u[0, :10])
+
+
+def test_noise_stays_inside_the_open_interval_and_cut_tokens_never_win():
+    extreme = torch.tensor([0, 1 << 8, (1 << 32) - 1, (1 << 32) - 256], dtype=torch.int64)
+    u = bits_to_uniform(extreme)
+    assert bool((u > 0).all()) and bool((u < 1).all())
+    assert bool(torch.isfinite(-torch.log(-torch.log(u))).all())
+    # seed 4265, step 0 draws all-ones top bits for token 738 of 1,000 (found by search): a cut token there
+    # must still lose, on the torch path and the Triton one
+    logits = torch.full((1, 1000), float("-inf"))
+    logits[0, [5, 500, 999]] = 0.0
+    b = SamplingBatch(params=[SamplingParams(temperature=1.0)], seeds=[4265], steps=[0], output_ids=[[]],
+                      prompt_ids=[[]])
+    assert int(sample(logits, b)[0]) in (5, 500, 999)
+    from glakeserve.sampling_kernel import gumbel_argmax
+
+    one = torch.ones(1)
+    assert int(gumbel_argmax(logits, one, torch.tensor([4265]), torch.tensor([0]))[0]) in (5, 500, 999)
 
 
 def test_sampling_follows_the_distribution():
@@ -237,3 +258,27 @@ def test_streaming_deltas_add_up_and_closing_aborts(smol_llm):
     stream.close()
     assert not smol_llm.engine.has_unfinished_requests()
     assert smol_llm.engine.stats()["kv_pages"]["requests"] == 0  # its pages are nobody's at once
+
+
+def test_logit_bias_moves_the_biased_tokens_only():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40)
+    top = logits.argmax(dim=-1)
+    other = (int(top[2]) + 1) % 40
+    params = [SamplingParams(temperature=0, logit_bias={5: 100.0}), SamplingParams(temperature=0),
+              SamplingParams(temperature=0, logit_bias={int(top[2]): -100.0, other: 0.5})]
+    out = sample(logits.clone(), batch(params, 40))
+    assert out[0] == 5 and out[1] == top[1]  # the unbiased row of the same batch is untouched
+    expected = logits[2].clone()
+    expected[top[2]] -= 100
+    expected[other] += 0.5
+    assert out[2] == expected.argmax()
+    # sampled rows see it too: a bias of -100 on all but one token leaves that one
+    hot = SamplingParams(temperature=1.0, logit_bias={t: -100.0 for t in range(40) if t != 17})
+    assert set(sample(torch.zeros(8, 40), batch([hot] * 8, 40, steps=list(range(8)))).tolist()) == {17}
+
+
+def test_logit_bias_out_of_the_vocabulary_is_refused(smol_llm):
+    vocab = smol_llm.engine.model_config.vocab_size
+    with pytest.raises(ValueError, match=rf"logit_bias keys must be token ids in \[0, {vocab}\), got \[{vocab}\]"):
+        smol_llm.generate([[1, 2, 3]], SamplingParams(logit_bias={vocab: 5.0}))

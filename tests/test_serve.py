@@ -123,8 +123,8 @@ def test_bad_requests_get_openai_errors(client, server):
         assert field in e.value.body["message"] and e.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError, match="max_model_len is 512"):
         client.completions.create(model=MODEL, prompt="word " * 700, max_tokens=4)
-    with pytest.raises(openai.BadRequestError, match="logprobs are not supported"):
-        client.chat.completions.create(model=MODEL, messages=msgs, logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs must be an integer in"):
+        client.chat.completions.create(model=MODEL, messages=msgs, logprobs=True, top_logprobs=50)
     with pytest.raises(openai.NotFoundError, match="The model `gpt-4` does not exist"):
         client.chat.completions.create(model="gpt-4", messages=msgs)
     with pytest.raises(openai.AuthenticationError):

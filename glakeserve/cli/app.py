@@ -81,6 +81,8 @@ def chat(
     repetition_penalty: Annotated[float, typer.Option()] = 1.0,
     max_tokens: Annotated[Optional[int], typer.Option(
         help="Longest reply, in tokens (default 512, at most half the context).", show_default=False)] = None,
+    reply_format: Annotated[Optional[str], typer.Option(
+        "--format", help="json: every reply is a JSON object (structured output; /set format off lifts it).")] = None,
     live_memory: Annotated[bool, typer.Option(help="Show the KV memory live while a reply streams.")] = True,
     history_file: Annotated[Optional[Path], typer.Option(help="Where the input history is kept.")] = None,
     save_dir: Annotated[Optional[Path], typer.Option(
@@ -91,7 +93,7 @@ def chat(
     `glake chat "PROMPT"` or `echo PROMPT | glake chat` answers once and exits."""
     import secrets
     import sys
-    from dataclasses import asdict
+    from dataclasses import replace
 
     from glakeserve.cli.chat import ChatSession, check_params, default_max_tokens, run_repl
     from glakeserve.sampling import SamplingParams
@@ -116,6 +118,8 @@ def chat(
         check_params(params, 2**62)  # the checks that need no model; max_tokens is checked once it is loaded
     except ValueError as e:
         fail(str(e))
+    if reply_format not in (None, "json"):
+        fail(f"--format takes json, got {reply_format!r}")
     llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, 1, None, kv_cache_memory, load_format,
                                      kv_layout, session_seed), enable_prefix_caching=not no_prefix_caching,
                    status_console=err_console if one_shot else console)
@@ -124,9 +128,15 @@ def chat(
     limit = llm.engine.max_model_len
     try:
         reply_cap = max_tokens or default_max_tokens(limit)
-        params = check_params(SamplingParams(**{**asdict(params), "max_tokens": reply_cap}), limit)
+        params = check_params(replace(params, max_tokens=reply_cap), limit)
     except ValueError as e:
         fail(str(e).replace("max_tokens", "--max-tokens", 1))
+    if reply_format == "json":
+        from glakeserve.structured import GuidedDecoding
+
+        guided = GuidedDecoding("json_object")
+        llm.engine.compile_guided(guided)
+        params = replace(params, guided=guided)
     if save_dir is None or history_file is None:
         import platformdirs
 

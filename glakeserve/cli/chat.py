@@ -15,7 +15,7 @@ import re
 import signal
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -28,6 +28,7 @@ from rich.text import Text
 from glakeserve.cli.memory_view import human_bytes, live_panel, render_snapshot
 from glakeserve.llm import LLM
 from glakeserve.sampling import SamplingParams
+from glakeserve.structured import GuidedDecoding
 
 COMMANDS = {
     "/help": "show this help",
@@ -37,7 +38,8 @@ COMMANDS = {
     "/clear": "start a new conversation and free its KV memory",
     "/system": "/system TEXT: set the system prompt (and start a new conversation)",
     "/set": "/set PARAM VALUE: temperature, top_p, top_k, min_p, max_tokens, min_tokens, seed, "
-            "repetition_penalty, presence_penalty, frequency_penalty, live_memory",
+            "repetition_penalty, presence_penalty, frequency_penalty, live_memory, format (json or off: "
+            "replies constrained to a JSON object)",
     "/show": "/show: the current settings; /show info: model, dtype, context, KV layout, page size",
     "/save": "/save NAME: keep this conversation (system prompt and turns) on disk",
     "/load": "/load NAME: go back to a saved conversation; /load alone lists them",
@@ -164,11 +166,10 @@ class ChatSession:
             self.live_memory = value.lower() in ("on", "true", "1")
             return
         if key == "format":
-            self.error("format (structured output such as json) is not supported by GlakeServe yet; "
-                       "ask for JSON in the message itself")
+            self.set_format(value)
             return
         if key not in SETTABLE or not value:
-            self.error(f"usage: /set PARAM VALUE with PARAM one of {', '.join(SETTABLE)}, live_memory")
+            self.error(f"usage: /set PARAM VALUE with PARAM one of {', '.join(SETTABLE)}, live_memory, format")
             return
         try:
             if value.lower() == "none":
@@ -186,12 +187,28 @@ class ChatSession:
             self.error(f"{key} must be a finite number, got {value!r}; the setting is unchanged")
             return
         try:
-            params = SamplingParams(**{**asdict(self.params), key: typed})
+            params = replace(self.params, **{key: typed})
             self.params = check_params(params, self.llm.engine.max_model_len)
         except ValueError as e:
             self.error(f"{e} The setting is unchanged.")
             return
         self.console.print(f"[dim]{key} = {typed}[/dim]")
+
+    def set_format(self, value: str) -> None:
+        """json: every reply is a JSON object, through the engine's structured output (a grammar
+        masks the logits); off: free text."""
+        if value.lower() not in ("json", "off"):
+            self.error("format takes json (replies are JSON objects) or off")
+            return
+        guided = GuidedDecoding("json_object") if value.lower() == "json" else None
+        try:
+            if guided is not None:
+                self.llm.engine.compile_guided(guided)
+            self.params = replace(self.params, guided=guided)
+        except ValueError as e:
+            self.error(str(e))
+            return
+        self.console.print(f"[dim]format = {format_name(self.params)}[/dim]")
 
     def show(self) -> None:
         e = self.llm.engine
@@ -206,6 +223,7 @@ class ChatSession:
                                f"--seed {self.session_seed} repeats this session)")
             else:
                 t.add_row(key, str(value))
+        t.add_row("format", format_name(self.params))
         t.add_row("live_memory", "on" if self.live_memory else "off")
         self.console.print(t)
 
@@ -462,10 +480,10 @@ def keep_output_on_interrupt():
     (unless ECHO is off; keys typed meanwhile are still read at the next prompt)."""
     import termios
 
-    fd = sys.stdin.fileno() if sys.stdin is not None else -1
     try:
+        fd = sys.stdin.fileno() if sys.stdin is not None else -1
         saved = termios.tcgetattr(fd)
-    except (termios.error, ValueError, OSError):  # not a terminal: nothing to keep
+    except (termios.error, ValueError, OSError):  # not a terminal (or no file at all): nothing to keep
         yield
         return
     attrs = list(saved)
@@ -493,6 +511,14 @@ def parse_saved(data) -> tuple[str | None, list[dict]]:
     if messages[0]["role"] != "user":
         raise ValueError("the first message must be the user's")
     return system, [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def format_name(params: SamplingParams) -> str:
+    """What /show and /set print for the reply format: off, json (any JSON object), or the kind of
+    another constraint the params came with."""
+    if params.guided is None:
+        return "off"
+    return "json" if params.guided.kind == "json_object" else params.guided.kind
 
 
 def read_message(session, first: str) -> str:

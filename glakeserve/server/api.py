@@ -9,6 +9,7 @@ server shuts down (finish_reason "shutdown")."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -69,6 +70,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
     encoder = PromptEncoder(engine.engine, config.max_queued_prompt_chars)
     state.close = encoder.close
     vocab = engine.engine.model_config.vocab_size
+    tok = engine.engine.tokenizer
     name = config.served_model_name
     started = int(time.time())
 
@@ -107,10 +109,35 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
             raise ApiError(404, f"The model {shown} does not exist. This server serves `{name}`.", param="model")
         return body
 
-    def start(ids: list[int], params, rid: str, stream: bool) -> AsyncIterator[RequestOutput]:
+    def start(ids: list[int], params, rid: str, stream: bool, share: str | None, index: int
+              ) -> AsyncIterator[RequestOutput]:
         if state.draining:
             raise ApiError(503, "the server is shutting down and takes no new requests; retry on another instance")
-        return engine.generate(ids, params, rid, stream=stream, timeout=config.request_timeout)
+        return engine.generate(ids, params, rid, stream=stream, timeout=config.request_timeout, share_prompt_of=share,
+                               index=index)
+
+    async def check_guided(body: dict, params) -> None:
+        """Compiles the request's grammar off the event loop (cached for the engine): a 400 naming the
+        field when the library cannot compile it."""
+        if params.guided is not None:
+            try:
+                await asyncio.to_thread(engine.engine.compile_guided, params.guided)
+            except ValueError as e:
+                field = P.guided_field(body)
+                raise ApiError(400, f"{field}: {e}", param=field) from None
+
+    def start_sequences(prompts: list[list[int]], params, best_of: int, rid: str, stream: bool) -> list:
+        """best_of (>= n) sequences per prompt, prompt-major: sequence j of prompt i has params
+        for_sequence(j) and shares sequence 0's prompt pages. With best_of > n every sequence keeps
+        its logprobs, which rank them."""
+        gens = []
+        for i, ids in enumerate(prompts):
+            for j in range(best_of):
+                p = params.for_sequence(j)
+                if best_of > params.n and p.logprobs is None:
+                    p = dataclasses.replace(p, logprobs=0)
+                gens.append(start(ids, p, f"{rid}-{i}-{j}", stream, f"{rid}-{i}-0" if j else None, j))
+        return gens
 
     async def finish_all(request: Request, gens: list) -> list[RequestOutput]:
         """Each request's last output; if the client goes away first, every one is aborted (their
@@ -156,37 +183,55 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": started,
                                             "owned_by": "glakeserve", "max_model_len": engine.engine.max_model_len}]}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != name:
+            shown = f"`{model_id}`" if len(model_id) <= 200 else P.short(model_id)
+            raise ApiError(404, f"The model {shown} does not exist. This server serves `{name}`.", param="model")
+        return (await models())["data"][0]
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await read_body(request, P.CHAT_FIELDS, "/v1/chat/completions")
         stream, include_usage = P.stream_flags(body)
         messages = P.chat_messages(body)
-        params = P.sampling_params(body, default_max_tokens=None, vocab_size=vocab)
+        params = P.sampling_params(body, default_max_tokens=None, vocab_size=vocab, chat=True)
+        best_of = P.best_of(body, params.n, stream)
+        await check_guided(body, params)
         ids = await encoder.encode(messages, params, "messages")
+        P.check_room(len(ids), params, body, engine.engine.max_model_len)
         rid = P.new_id("chatcmpl")
-        gen = start(ids, params, rid, stream)
+        gens = start_sequences([ids], params, best_of, rid, stream)
         if not stream:
             try:
-                out, = await finish_all(request, [gen])
+                outs = await finish_all(request, gens)
             except _ClientGone:
                 return Response(status_code=499)
-            return P.chat_response(rid, name, out)
+            groups, chosen = P.choose(outs, params, best_of)
+            return P.chat_response(rid, name, chosen, P.request_usage(groups, chosen), tok)
 
         async def chunks():
-            yield sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None))
-            last = None
+            for i in range(len(gens)):
+                yield sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, index=i))
+            fan = _FanIn(gens)
+            finals = [None] * len(gens)
             try:
-                async for out in gen:
-                    last = out
+                while (item := await fan.next()) is not None:
+                    index, out = item
+                    if isinstance(out, Exception):  # the client gets an error event and the stream's end
+                        yield stream_error(request.scope[REQUEST_ID], out)
+                        continue
                     reason = P.finish_reason(out)
-                    if out.delta_text or reason:
+                    finals[index] = out if out.finished else None
+                    if out.delta_text or reason or out.delta_logprobs:
                         delta = {"content": out.delta_text} if out.delta_text else {}
-                        yield sse(P.chat_chunk(rid, name, delta, reason))
-            except Exception as e:  # the client gets an error event and the stream's end
-                yield stream_error(request.scope[REQUEST_ID], e)
-            if include_usage and last is not None:
+                        yield sse(P.chat_chunk(rid, name, delta, reason, P.chat_logprobs(out.delta_logprobs, tok),
+                                               index))
+            finally:  # the client went away (or a bug): no await here, the task is being cancelled
+                fan.cancel()
+            if include_usage and all(finals):
                 yield sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
-                           "choices": [], "usage": P.usage(last.num_prompt_tokens, last.num_output_tokens)})
+                           "choices": [], "usage": P.request_usage([finals], finals)})
             yield sse("[DONE]")
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
@@ -196,49 +241,53 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         body = await read_body(request, P.COMPLETION_FIELDS, "/v1/completions")
         stream, include_usage = P.stream_flags(body)
         prompts = P.completion_prompts(body)
+        echo = P.echo_flag(body)
         params = P.sampling_params(body, default_max_tokens=16, vocab_size=vocab)
+        best_of = P.best_of(body, params.n, stream)
+        await check_guided(body, params)
+        if echo and any(not isinstance(p, str) for p in prompts) and tok is None:
+            raise ApiError(400, "echo of token-id prompts needs a tokenizer, and this model has none", param="echo")
+        echoed = [(p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False)) if echo else ""
+                  for p in prompts]
         ids = [await encoder.encode(p, params, "prompt") for p in prompts]
+        for i in ids:
+            P.check_room(len(i), params, body, engine.engine.max_model_len)
         rid = P.new_id("cmpl")
-        gens = [start(i, params, f"{rid}-{n}", stream) for n, i in enumerate(ids)]
+        gens = start_sequences(ids, params, best_of, rid, stream)
         if not stream:
             try:
                 outs = await finish_all(request, gens)
             except _ClientGone:
                 return Response(status_code=499)
-            return P.completion_response(rid, name, outs)
+            groups, chosen = P.choose(outs, params, best_of)
+            texts = [e for e in echoed for _ in range(params.n)]  # choice i * n + j is prompt i's sequence j
+            return P.completion_response(rid, name, chosen, texts, P.request_usage(groups, chosen), tok)
 
         async def chunks():
-            queue: asyncio.Queue = asyncio.Queue()
-
-            async def pump(index, gen):  # owns its generator: cancelling it aborts that request
-                try:
-                    async for out in gen:
-                        queue.put_nowait((index, out))
-                except Exception as e:  # delivered to the client below
-                    queue.put_nowait((index, e))
-                queue.put_nowait((index, None))
-
-            tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
-            live, prompt_tokens, completion_tokens = len(gens), 0, 0
+            fan = _FanIn(gens)
+            finals = [None] * len(gens)
+            unsent = [e for e in echoed for _ in range(params.n)]  # echoed prompts go with a choice's first chunk
+            offsets = [len(e) for e in unsent]  # text_offset of each choice's next token
             try:
-                while live:
-                    index, out = await queue.get()
-                    if out is None:
-                        live -= 1
-                    elif isinstance(out, Exception):
+                while (item := await fan.next()) is not None:
+                    index, out = item
+                    if isinstance(out, Exception):
                         yield stream_error(request.scope[REQUEST_ID], out)
-                    else:
-                        if out.finished:
-                            prompt_tokens += out.num_prompt_tokens
-                            completion_tokens += out.num_output_tokens
-                        if out.delta_text or out.finished:
-                            yield sse(P.completion_chunk(rid, name, index, out.delta_text, P.finish_reason(out)))
+                        continue
+                    finals[index] = out if out.finished else None
+                    if out.delta_text or out.finished or out.delta_logprobs or unsent[index]:
+                        logprobs = P.completion_logprobs(out.delta_logprobs, tok, offsets[index])
+                        if logprobs is not None and logprobs["tokens"]:
+                            offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                        yield sse(P.completion_chunk(rid, name, index, unsent[index] + out.delta_text,
+                                                     P.finish_reason(out), logprobs))
+                        unsent[index] = ""
             finally:  # the client went away (or a bug): no await here, the task is being cancelled
-                for t in tasks:
-                    t.cancel()
-            if include_usage:
+                fan.cancel()
+            if include_usage and all(finals):
+                groups = [finals[i:i + params.n] for i in range(0, len(finals), params.n)]
                 yield sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-                           "choices": [], "usage": P.usage(prompt_tokens, completion_tokens)})
+                           "choices": [], "usage": P.request_usage(groups, finals)})
             yield sse("[DONE]")
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
@@ -272,6 +321,38 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         return PlainTextResponse(prometheus(stats, name), media_type="text/plain; version=0.0.4")
 
     return Guard(app, state)
+
+
+class _FanIn:
+    """The outputs of several sequences' generators as (index, output or exception), in the order
+    they come; next() is None once all have ended. cancel() ends what is left (each generator's
+    cleanup aborts its sequence)."""
+
+    def __init__(self, gens: list):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.live = len(gens)
+        self.tasks = [asyncio.ensure_future(self._pump(i, g)) for i, g in enumerate(gens)]
+
+    async def _pump(self, index: int, gen) -> None:  # owns its generator: cancelling it aborts that sequence
+        try:
+            async for out in gen:
+                self.queue.put_nowait((index, out))
+        except Exception as e:  # delivered to the client by the reader
+            self.queue.put_nowait((index, e))
+        self.queue.put_nowait((index, None))
+
+    async def next(self):
+        while self.live:
+            index, out = await self.queue.get()
+            if out is None:
+                self.live -= 1
+            else:
+                return index, out
+        return None
+
+    def cancel(self) -> None:
+        for t in self.tasks:
+            t.cancel()
 
 
 async def _last(gen: AsyncIterator):

@@ -46,7 +46,7 @@ class AsyncEngine:
         self.dead: str | None = None
         self._cv = threading.Condition()  # guards the hand-off queues and streams; never held over a step
         self._engine_lock = threading.Lock()  # held over a step, and by call()
-        self._adds: deque[tuple[str, list[int], SamplingParams, bool]] = deque()
+        self._adds: deque[tuple] = deque()  # add_request's arguments, one tuple per sequence
         self._aborts: deque[tuple[str, str | None]] = deque()  # (request id, reason the client is told or None)
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
@@ -60,10 +60,12 @@ class AsyncEngine:
         return len(self._streams)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       stream: bool = True, timeout: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request, step by step (or only the last, unless stream); leaving the
-        iterator early aborts the request. timeout: seconds after which the engine ends it, with
-        finish_reason "timeout" and what it generated so far."""
+                       stream: bool = True, timeout: float | None = None, share_prompt_of: str | None = None,
+                       index: int = 0) -> AsyncIterator[RequestOutput]:
+        """Outputs of one sequence, step by step (or only the last, unless stream); leaving the
+        iterator early aborts it. timeout: seconds after which the engine ends it, with
+        finish_reason "timeout" and what it generated so far. share_prompt_of, index: as
+        LLMEngine.add_request (sequence `index` of a request with n > 1)."""
         if self.dead:
             raise EngineDeadError(self.dead)
         rid = request_id or uuid.uuid4().hex
@@ -71,7 +73,7 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         with self._cv:
             self._streams[rid] = _Stream(loop, queue, params, stream)
-            self._adds.append((rid, prompt_ids, params, stream))
+            self._adds.append((rid, prompt_ids, params, stream, share_prompt_of, index))
             self._cv.notify()
         deadline = loop.call_later(timeout, self.abort, rid, "timeout") if timeout else None
         finished = False
@@ -159,9 +161,10 @@ class AsyncEngine:
             try:
                 with self._engine_lock:
                     # adds first: a request whose client left before it was added is then aborted here
-                    for rid, ids, params, stream in adds:
+                    for rid, ids, params, stream, share, index in adds:
                         try:
-                            engine.add_request(ids, params, request_id=rid, stream=stream)
+                            engine.add_request(ids, params, request_id=rid, stream=stream, share_prompt_of=share,
+                                               index=index)
                         except ValueError as e:
                             self._deliver(rid, e)
                     for rid, reason in aborts:

@@ -6,14 +6,16 @@ engine can hold, text that is valid Unicode; anything else is a 400 that names t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import reprlib
 import time
 import uuid
 
-from glakeserve.request import RequestOutput
-from glakeserve.sampling import SamplingParams
+from glakeserve.request import RequestOutput, TokenLogprob
+from glakeserve.sampling import MAX_LOGPROBS, MAX_N, SamplingParams
+from glakeserve.structured import GuidedDecoding
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
@@ -83,18 +85,17 @@ def check_text(text: str, where: str, param: str) -> str:
 # ----- fields -----------------------------------------------------------------------------------
 # Accepted only at their "off" value (anything else is a 400 that says so).
 UNSUPPORTED = {
-    "logprobs": ("logprobs are not supported", (None, False, 0)),
-    "top_logprobs": ("logprobs are not supported", (None, 0)),
     "tools": ("tool calling is not supported", (None, [])),
     "tool_choice": ("tool calling is not supported", (None, "none")),
     "functions": ("function calling is not supported", (None, [])),
     "function_call": ("function calling is not supported", (None, "none")),
-    "best_of": ("best_of is not supported", (None, 1)),
-    "echo": ("echo is not supported", (None, False)),
     "suffix": ("suffix is not supported", (None, "")),
-    "logit_bias": ("logit_bias is not supported", (None, {})),
-    "response_format": ("response_format other than text is not supported", (None, {"type": "text"})),
 }
+
+# What constrains the output (one at most): OpenAI's, then vLLM's
+GUIDED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                 "guided_grammar")
+STRUCTURED_OUTPUTS_KEYS = ("json", "regex", "choice", "grammar", "json_object")  # vLLM's, those honoured here
 
 # OpenAI name -> accepted type (the vLLM extras among them pass straight to SamplingParams)
 NUMERIC = {
@@ -102,10 +103,12 @@ NUMERIC = {
     "top_k": int, "min_p": float, "repetition_penalty": float, "min_tokens": int, "seed": int, "n": int,
 }
 BOOLEAN = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
-COMMON = {"model", "stream", "stream_options", "max_tokens", "stop", "stop_token_ids", "user",
+COMMON = {"model", "stream", "stream_options", "max_tokens", "stop", "stop_token_ids", "user", "logit_bias", "best_of",
+          *GUIDED_FIELDS,
           "parallel_tool_calls", *NUMERIC, *BOOLEAN, *UNSUPPORTED}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
-COMPLETION_FIELDS = COMMON | {"prompt"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions (chat: top_logprobs up to 20)
 INT64 = 2**63
 
 
@@ -116,8 +119,11 @@ def check_fields(body: dict, known: set[str], endpoint: str) -> None:
                                 f"(the README's serve section lists the accepted ones)", param=key[:100])
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise ApiError(400, f"user must be a string, got {short(body['user'])}", param="user")
-    if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
-        raise ApiError(400, "parallel_tool_calls must be true or false", param="parallel_tool_calls")
+    if body.get("parallel_tool_calls") is not None:
+        if not isinstance(body["parallel_tool_calls"], bool):
+            raise ApiError(400, "parallel_tool_calls must be true or false", param="parallel_tool_calls")
+        if not body.get("tools"):
+            raise ApiError(400, "parallel_tool_calls is only allowed when tools are given", param="parallel_tool_calls")
 
 
 def _number(key: str, value, kind: type):
@@ -136,11 +142,170 @@ def _number(key: str, value, kind: type):
     return kind(value)
 
 
-def sampling_params(body: dict, default_max_tokens: int | None, vocab_size: int) -> SamplingParams:
+def logprobs_setting(body: dict, chat: bool) -> int | None:
+    """SamplingParams.logprobs from chat's logprobs (bool) + top_logprobs (0-20), or completions'
+    logprobs (0-5)."""
+    value = body.get("logprobs")
+    if chat:
+        if value is not None and not isinstance(value, bool):
+            raise ApiError(400, f"logprobs must be true or false, got {short(value)}", param="logprobs")
+        top = body.get("top_logprobs")
+        if top is None:
+            return 0 if value else None
+        if type(top) is not int or not 0 <= top <= MAX_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {short(top)}",
+                           param="top_logprobs")
+        if not value:
+            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        return top
+    if value is None or value is False:
+        return None
+    if type(value) is not int or not 0 <= value <= MAX_COMPLETION_LOGPROBS:
+        raise ApiError(400, f"logprobs must be an integer in [0, {MAX_COMPLETION_LOGPROBS}] for completions, got "
+                            f"{short(value)}", param="logprobs")
+    return value
+
+
+def best_of(body: dict, n: int, stream: bool) -> int:
+    """Sequences to generate per prompt (n <= best_of <= 128); the n with the highest cumulative
+    logprob are returned."""
+    value = body.get("best_of")
+    if value is None:
+        return n
+    if type(value) is not int or not n <= value <= MAX_N:
+        raise ApiError(400, f"best_of must be an integer in [n, {MAX_N}] (n is {n}), got {short(value)}",
+                       param="best_of")
+    if stream and value > n:
+        raise ApiError(400, "best_of greater than n cannot stream (the best are known only at the end)",
+                       param="best_of")
+    return value
+
+
+def choose(outs: list[RequestOutput], params: SamplingParams, best_of: int
+           ) -> tuple[list[list[RequestOutput]], list[RequestOutput]]:
+    """outs: best_of sequences per prompt, prompt-major. Returns them grouped by prompt, and the
+    choices: per prompt the n with the highest cumulative logprob (all of them when best_of == n),
+    without logprobs the client did not ask for."""
+    groups = [outs[i:i + best_of] for i in range(0, len(outs), best_of)]
+    if best_of == params.n:
+        return groups, outs
+    chosen = []
+    for group in groups:
+        ranked = sorted(group, key=lambda o: -sum(lp.logprob for lp in o.logprobs or []))[:params.n]
+        chosen += [o if params.logprobs is not None else dataclasses.replace(o, logprobs=None) for o in ranked]
+    return groups, chosen
+
+
+def request_usage(groups: list[list[RequestOutput]], choices: list[RequestOutput]) -> dict:
+    """A prompt counts once however many sequences it has (its first sequence computed it; the others
+    shared its pages): prompt and cached tokens of each prompt's first sequence, completion tokens of
+    the choices returned."""
+    return usage(sum(g[0].num_prompt_tokens for g in groups), sum(o.num_output_tokens for o in choices),
+                 sum(g[0].num_cached_tokens for g in groups))
+
+
+def guided_field(body: dict) -> str | None:
+    """The field that constrains the output, if any (response_format of type text does not)."""
+    given = [k for k in GUIDED_FIELDS if body.get(k) is not None
+             and not (k == "response_format" and body[k] == {"type": "text"})]
+    if len(given) > 1:
+        raise ApiError(400, f"give at most one of {', '.join(GUIDED_FIELDS)}; got {', '.join(given)}", param=given[1])
+    return given[0] if given else None
+
+
+def guided_decoding(body: dict) -> GuidedDecoding | None:
+    """OpenAI's response_format (text, json_object, json_schema), vLLM's structured_outputs (json,
+    regex, choice, grammar, json_object) or its older guided_json, guided_regex, guided_choice,
+    guided_grammar -> the constraint on the output (None: none)."""
+    key = guided_field(body)
+    if key is None:
+        return None
+    value = body[key]
+    if key == "response_format":
+        return _response_format(value)
+    if key == "structured_outputs":
+        if not isinstance(value, dict):
+            raise ApiError(400, f"structured_outputs must be an object with one of {', '.join(STRUCTURED_OUTPUTS_KEYS)}, "
+                                f"got {short(value)}", param=key)
+        unknown = [k for k in value if k not in STRUCTURED_OUTPUTS_KEYS and value[k] not in (None, False)]
+        if unknown:
+            raise ApiError(400, f"structured_outputs.{short(unknown[0])[1:-1]} is not supported by this server "
+                                f"(it takes one of {', '.join(STRUCTURED_OUTPUTS_KEYS)})", param=key)
+        given = [k for k in STRUCTURED_OUTPUTS_KEYS if value.get(k) not in (None, False)]
+        if len(given) != 1:
+            raise ApiError(400, f"structured_outputs must give exactly one of {', '.join(STRUCTURED_OUTPUTS_KEYS)}, got "
+                                f"{', '.join(given) or 'none'}", param=key)
+        kind = given[0]
+        if kind == "json_object":
+            if value[kind] is not True:
+                raise ApiError(400, f"structured_outputs.json_object must be true, got {short(value[kind])}", param=key)
+            return GuidedDecoding("json_object")
+        return _guided(kind, value[kind], f"structured_outputs.{kind}", key)
+    return _guided(key.removeprefix("guided_"), value, key, key)
+
+
+def _response_format(value) -> GuidedDecoding | None:
+    key = "response_format"
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise ApiError(400, f"response_format must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
+                            f"{{\"type\": \"json_schema\", \"json_schema\": {{\"name\": ..., \"schema\": {{...}}}}}}, got "
+                            f"{short(value)}", param=key)
+    extra = set(value) - {"type", "json_schema"}
+    if extra or (value["type"] != "json_schema" and "json_schema" in value):
+        raise ApiError(400, f"response_format has fields this server does not know: {short(sorted(extra or ['json_schema']))}",
+                       param=key)
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_object":
+        return GuidedDecoding("json_object")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict) or set(spec) - {
+            "name", "schema", "strict", "description"}:
+        raise ApiError(400, "response_format.json_schema must be an object with a schema object (and optionally name, "
+                            f"strict, description), got {short(spec)}", param=key)
+    if not isinstance(spec.get("name", ""), str) or not isinstance(spec.get("description", ""), str) or \
+            not isinstance(spec.get("strict", False), bool):
+        raise ApiError(400, "response_format.json_schema: name and description must be strings, strict true or false",
+                       param=key)
+    return GuidedDecoding.json_schema(spec["schema"])
+
+
+def _guided(kind: str, value, where: str, param: str) -> GuidedDecoding:
+    """kind json (a schema object or its JSON text), regex, grammar (text) or choice (a list of
+    strings), checked for shape; whether it compiles is checked by the engine."""
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ApiError(400, f"{where} must be a JSON schema (an object, or its JSON text)", param=param) from None
+        if not isinstance(value, dict):
+            raise ApiError(400, f"{where} must be a JSON schema object, got {short(value)}", param=param)
+        return GuidedDecoding.json_schema(value)
+    if kind in ("regex", "grammar"):
+        if not isinstance(value, str) or not value:
+            raise ApiError(400, f"{where} must be a non-empty string, got {short(value)}", param=param)
+        return GuidedDecoding(kind, check_text(value, where, param))
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+        raise ApiError(400, f"{where} must be a non-empty list of non-empty strings, got {short(value)}", param=param)
+    return GuidedDecoding("choice", tuple(check_text(c, where, param) for c in value))
+
+
+def echo_flag(body: dict) -> bool:
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise ApiError(400, f"echo must be true or false, got {short(echo)}", param="echo")
+    if echo and body.get("logprobs") not in (None, False):
+        raise ApiError(400, "echo with logprobs would need the prompt's logprobs, which this server does not compute; "
+                            "drop one of them", param="echo")
+    return bool(echo)
+
+
+def sampling_params(body: dict, default_max_tokens: int | None, vocab_size: int, chat: bool = False) -> SamplingParams:
     for key, (why, off) in UNSUPPORTED.items():
         if key in body and not any(body[key] == v and type(body[key]) is type(v) for v in off):
             raise ApiError(400, f"{why} by this server (got {key}={short(body[key])})", param=key)
-    kwargs: dict = {}
+    kwargs: dict = {"logprobs": logprobs_setting(body, chat), "guided": guided_decoding(body)}
     for key, kind in NUMERIC.items():
         if body.get(key) is not None:
             kwargs[key] = _number(key, body[key], kind)
@@ -169,6 +334,8 @@ def sampling_params(body: dict, default_max_tokens: int | None, vocab_size: int)
             raise ApiError(400, f"stop_token_ids must be a list of token ids in [0, {vocab_size}), got {short(ids)}",
                            param="stop_token_ids")
         kwargs["stop_token_ids"] = ids
+    if body.get("logit_bias") is not None:
+        kwargs["logit_bias"] = logit_bias(body["logit_bias"], vocab_size)
     if kwargs.get("top_k", 0) > vocab_size:
         raise ApiError(400, f"top_k must be at most the vocabulary size ({vocab_size}), got {kwargs['top_k']}; "
                             f"use 0 or -1 to turn top-k off", param="top_k")
@@ -179,6 +346,34 @@ def sampling_params(body: dict, default_max_tokens: int | None, vocab_size: int)
     except ValueError as e:
         param = str(e).split(" ", 1)[0]
         raise ApiError(400, str(e), param=param if param in kwargs else None) from None
+
+
+def check_room(num_prompt_tokens: int, params: SamplingParams, body: dict, max_model_len: int) -> None:
+    """The prompt and the asked-for output must fit the context together (as OpenAI and vLLM answer)."""
+    if params.max_tokens is not None and num_prompt_tokens + params.max_tokens > max_model_len:
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        asked = f"{key}={params.max_tokens}" if body.get(key) is not None else f"the default {key} of {params.max_tokens}"
+        raise ApiError(400, f"this model's maximum context length is {max_model_len} tokens, but the prompt has "
+                            f"{num_prompt_tokens} tokens and {asked} asks for {params.max_tokens} more "
+                            f"({num_prompt_tokens + params.max_tokens} in all); lower {key} or shorten the prompt",
+                       param=key)
+
+
+def logit_bias(value, vocab_size: int) -> dict[int, float]:
+    """OpenAI's {"token id": bias} with biases in [-100, 100] -> {int: float}."""
+    if not isinstance(value, dict):
+        raise ApiError(400, f"logit_bias must be an object mapping token ids to biases, got {short(value)}",
+                       param="logit_bias")
+    out = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) < 20 and int(key) < vocab_size):
+            raise ApiError(400, f"logit_bias keys must be token ids in [0, {vocab_size}), got {short(key)}",
+                           param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ApiError(400, f"logit_bias values must be numbers in [-100, 100], got {short(bias)} for token "
+                                f"{key}", param="logit_bias")
+        out[int(key)] = float(bias)
+    return out
 
 
 def stream_flags(body: dict) -> tuple[bool, bool]:
@@ -257,34 +452,81 @@ def finish_reason(out: RequestOutput) -> str | None:
     return out.finish_reason if out.finish_reason in ("length", "timeout", "shutdown") else "stop"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """cached_tokens: prompt tokens the prefix cache served (their KV was not computed again)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def chat_response(rid: str, model: str, out: RequestOutput) -> dict:
+# ----- logprobs in OpenAI's shapes -------------------------------------------------------------
+LOGPROB_FLOOR = -9999.0  # what a token that cannot be sampled (-inf) shows: JSON has no infinity (vLLM's value)
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+def chat_logprobs(entries: list[TokenLogprob] | None, tok) -> dict | None:
+    """{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]} (chat)."""
+    if entries is None:
+        return None
+
+    def one(token_id: int, logprob: float) -> dict:
+        return {"token": tok.token_text(token_id), "logprob": _finite(logprob), "bytes": tok.token_bytes(token_id)}
+
+    return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+def completion_logprobs(entries: list[TokenLogprob] | None, tok, offset: int) -> dict | None:
+    """{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"} (completions);
+    offset: characters of text before the first of these tokens."""
+    if entries is None:
+        return None
+    tokens = [tok.token_text(e.token_id) for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries],
+            "top_logprobs": [{tok.token_text(t): _finite(lp) for t, lp in e.top} for e in entries],
+            "text_offset": offsets}
+
+
+def chat_response(rid: str, model: str, outs: list[RequestOutput], usage_: dict, tok=None) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                     "finish_reason": finish_reason(out), "stop_reason": out.stop_reason}],
-        "usage": usage(out.num_prompt_tokens, out.num_output_tokens),
+        "choices": [{"index": i, "message": {"role": "assistant", "content": out.text},
+                     "logprobs": chat_logprobs(out.logprobs, tok),
+                     "finish_reason": finish_reason(out), "stop_reason": out.stop_reason}
+                    for i, out in enumerate(outs)],
+        "usage": usage_,
     }
 
 
-def chat_chunk(rid: str, model: str, delta: dict, reason: str | None) -> dict:
+def chat_chunk(rid: str, model: str, delta: dict, reason: str | None, logprobs: dict | None = None,
+               index: int = 0) -> dict:
+    choice = {"index": index, "delta": delta, "finish_reason": reason}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+            "choices": [choice]}
 
 
-def completion_response(rid: str, model: str, outs: list[RequestOutput]) -> dict:
+def completion_response(rid: str, model: str, outs: list[RequestOutput], echoed: list[str], usage_: dict,
+                        tok=None) -> dict:
+    """echoed: per choice, the prompt text put before its completion (echo=true), or ""."""
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": o.text, "logprobs": None, "finish_reason": finish_reason(o),
-                     "stop_reason": o.stop_reason} for i, o in enumerate(outs)],
-        "usage": usage(sum(o.num_prompt_tokens for o in outs), sum(o.num_output_tokens for o in outs)),
+        "choices": [{"index": i, "text": e + o.text, "logprobs": completion_logprobs(o.logprobs, tok, len(e)),
+                     "finish_reason": finish_reason(o), "stop_reason": o.stop_reason}
+                    for i, (o, e) in enumerate(zip(outs, echoed))],
+        "usage": usage_,
     }
 
 
-def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None) -> dict:
+def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None,
+                     logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
