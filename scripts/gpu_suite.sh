@@ -40,7 +40,7 @@ for stage in $stages; do
       ;;
     gpu-tests)  # every gpu-marked test whose module imports nothing the GPU image lacks
       run test_gpu $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_vtensor.py tests/test_vtensor_errors.py \
-        tests/test_async_mapper.py tests/test_triton_kernels.py tests/test_fused_ops.py tests/test_gpu_engine.py \
+        tests/test_async_mapper.py tests/test_triton_kernels.py tests/test_fused_ops.py tests/test_gpu_engine.py tests/test_gpu_api.py \
         tests/test_gpu_kv.py
       run test_sampler_gpu $PY -m pytest -q -p no:cacheprovider tests/test_sampling.py -k "triton_pass or chi_square"
       ;;
