@@ -229,3 +229,58 @@ def test_a_hung_rank_times_out():
     finally:
         engine.close()
     assert not any(p.is_alive() for p in procs)
+
+
+ORPHAN_SCRIPT = """
+import sys, time
+from glakeserve.llm import LLM
+if __name__ == "__main__":
+    llm = LLM("tiny-llama", load_format="dummy", max_model_len=64, max_num_seqs=2, kv_cache_memory=8 << 20,
+              tensor_parallel_size=2, tensor_parallel_timeout=30)
+    print(" ".join(str(p.pid) for p in llm.engine.tp.procs.values()), flush=True)
+    time.sleep(60)
+"""
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] in ("Z", "X")  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def test_ranks_exit_when_the_user_process_is_killed(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 1 and not any(gone(p) for p in pids)
+    finally:
+        proc.kill()  # SIGKILL: rank 0 gets no chance to stop them
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(gone(p) for p in pids)
+
+
+def test_cli_takes_tensor_parallel_size(smollm2_dir):
+    from typer.testing import CliRunner
+
+    from glakeserve.cli.app import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["bench", "--model", "tiny-llama", "--load-format", "dummy", "--dataset", "random",
+                              "--num-prompts", "3", "--input-len", "12", "--output-len", "4", "-tp", "2"])
+    assert out.exit_code == 0, out.output
+    assert "Throughput" in out.output
+    out = runner.invoke(app, ["chat", "--tensor-parallel-size", "2", "Hi"])  # SmolLM2's 9 heads
+    text = " ".join(out.output.split())  # the console wraps lines
+    assert out.exit_code == 2 and "sizes that work for it: 1, 3" in text and "Traceback" not in text
+    out = runner.invoke(app, ["bench", "--backend", "hf", "-tp", "3"])
+    assert out.exit_code == 2 and "one device" in out.output

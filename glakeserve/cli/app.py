@@ -34,6 +34,7 @@ def fail(message: str, code: int = 2) -> None:
 
 def make_llm(status_console: Console | None = None, **kwargs):
     """An LLM, or a one-line error that says what to do (no traceback)."""
+    from glakeserve.distributed.workers import TensorParallelError
     from glakeserve.llm import LLM
     from glakeserve.vtensor import VmmError
 
@@ -41,7 +42,7 @@ def make_llm(status_console: Console | None = None, **kwargs):
         with (status_console or console).status("loading the model (the first start converts it; later starts "
                                                 "are fast)..."):
             return LLM(**kwargs)
-    except (ValueError, FileNotFoundError, VmmError) as e:
+    except (ValueError, FileNotFoundError, VmmError, TensorParallelError) as e:
         fail(str(e))
 
 
@@ -86,6 +87,7 @@ def chat(
     save_dir: Annotated[Optional[Path], typer.Option(
         help="Where /save and /load keep conversations (default: the user data directory).")] = None,
     no_prefix_caching: O.NoPrefixCaching = False,
+    tensor_parallel_size: O.TensorParallelSize = 1,
 ) -> None:
     """Chat with a model in the terminal; replies stream, and the KV memory is shown live.
     `glake chat "PROMPT"` or `echo PROMPT | glake chat` answers once and exits."""
@@ -100,7 +102,7 @@ def chat(
     if model is None and words and _names_a_model(words[0], load_format or "auto"):
         model = words.pop(0)
     if load_format is None:
-        load_format = "gguf" if _quantized_gguf_fits(model, device, dtype) else "auto"
+        load_format = "gguf" if tensor_parallel_size == 1 and _quantized_gguf_fits(model, device, dtype) else "auto"
     prompt = " ".join(words) or None
     if not sys.stdin.isatty():  # piped input is the prompt (after any given on the command line)
         piped = sys.stdin.read().strip()
@@ -118,7 +120,7 @@ def chat(
         fail(str(e))
     llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, 1, None, kv_cache_memory, load_format,
                                      kv_layout, session_seed), enable_prefix_caching=not no_prefix_caching,
-                   status_console=err_console if one_shot else console)
+                   tensor_parallel_size=tensor_parallel_size, status_console=err_console if one_shot else console)
     if llm.tokenizer is None or not llm.tokenizer.has_chat_template:
         fail("this model has no chat template; use `glake serve` with /v1/completions instead")
     limit = llm.engine.max_model_len
@@ -187,6 +189,7 @@ def bench(
     output_json: Annotated[Optional[Path], typer.Option(help="Write the figures and the timeline here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG: tokens/s, running requests, mapped vs reserved KV.")]
     = None,
+    tensor_parallel_size: O.TensorParallelSize = 1,
 ) -> None:
     """Offline throughput on ShareGPT or random prompts, reported as vLLM's benchmark does."""
     from glakeserve.cli import bench as B
@@ -196,6 +199,8 @@ def bench(
         fail(f"--backend must be glake or hf, got {backend!r}")
     if dataset not in ("sharegpt", "random"):
         fail(f"--dataset must be sharegpt or random, got {dataset!r}")
+    if backend == "hf" and tensor_parallel_size != 1:
+        fail("--backend hf runs HF transformers on one device; drop --tensor-parallel-size for it")
     if plot and backend == "hf":
         fail("--plot draws the glake engine's step timeline, which the hf backend does not have; drop --plot")
     try:  # before any work: a path that cannot be written must not cost the whole run
@@ -208,6 +213,7 @@ def bench(
     kwargs = O.engine_kwargs(model, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens,
                              kv_cache_memory, load_format, kv_layout, seed)
     kwargs["enable_prefix_caching"] = not no_prefix_caching
+    kwargs["tensor_parallel_size"] = tensor_parallel_size
     llm = make_llm(**kwargs)
     engine = llm.engine
     try:
@@ -338,6 +344,7 @@ def serve(
     max_queued_prompt_chars: Annotated[int, typer.Option(
         min=1, help="Prompt characters waiting for the tokenizer, all requests together; a request beyond gets "
                     "429 (retry later).")] = 16_000_000,
+    tensor_parallel_size: O.TensorParallelSize = 1,
 ) -> None:
     """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics and /v1/memory. A client that disconnects ends its request; SIGTERM drains it gracefully."""
@@ -366,7 +373,8 @@ def serve(
     try:
         llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens,
                                          kv_cache_memory, load_format, kv_layout, seed),
-                       kv_cache_max_memory=kv_max, enable_prefix_caching=not no_prefix_caching)
+                       kv_cache_max_memory=kv_max, enable_prefix_caching=not no_prefix_caching,
+                       tensor_parallel_size=tensor_parallel_size)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     engine = AsyncEngine(llm.engine, idle_release_s=kv_idle_release)
