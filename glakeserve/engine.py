@@ -379,6 +379,8 @@ class LLMEngine:
             "phase_seconds": dict(self.clock.seconds),  # the engine thread's time by phase
             "device_timeline": self.timeline.stats() if self.timeline is not None else None,
             "pool": kv.pool,
+            "tensor_parallel_size": self.config.tensor_parallel_size,
+            "rank_pools": self.tp.rank_pools() if self.tp is not None else None,  # every rank's pool, rank 0 first
             "slots": self.kv.slot_stats(self.scheduler.tokens_held()),
             "kv_pages": {"total": kv.total_pages, "free": kv.free_pages, "requests": kv.request_pages,
                          "cached": kv.cached_pages},

@@ -16,12 +16,16 @@ import time
 import pytest
 import torch
 
+from rich.console import Console
+
+from glakeserve.cli.memory_view import render_snapshot
 from glakeserve.distributed.shard import TPShard, check_tensor_parallel_size
 from glakeserve.distributed.workers import TensorParallelError
 from glakeserve.engine import EngineConfig, LLMEngine
 from glakeserve.model.config import DUMMY_SHAPES
 from glakeserve.model.loader import dummy_weights
 from glakeserve.sampling import SamplingParams
+from glakeserve.server.metrics import prometheus
 from helpers import save_tiny_hf_llama
 
 TIMEOUT = 30.0  # seconds a collective may wait: far above any step here
@@ -108,7 +112,18 @@ def test_smollm2_tp3_matches_one_process(smol_llm):
     try:
         got = finish(engine, prompts, params)
         again = finish(engine, prompts[:1], params)  # its prompt now comes from the prefix cache
-        assert engine.stats()["prefix_cache"]["hits"] > 0
+        stats = engine.stats()
+        assert stats["prefix_cache"]["hits"] > 0
+        ranks = stats["rank_pools"]  # every rank's own allocator: the same pages mapped on each
+        assert [r["rank"] for r in ranks] == [0, 1, 2]
+        assert len({(r["total_pages"], r["used_pages"], r["shared_pages"]) for r in ranks}) == 1
+        assert ranks[0]["used_pages"] == stats["pool"]["used_pages"] > 1
+        metrics = prometheus(stats, "m")
+        assert f'glake_kv_rank_pages_mapped{{model="m",rank="2"}} {ranks[2]["used_pages"]}' in metrics
+        assert f'glake_kv_rank_pages_mapped{{model="m",rank="all"}} {3 * ranks[2]["used_pages"]}' in metrics
+        console = Console(width=200, record=True)
+        console.print(render_snapshot(engine.memory_snapshot()))
+        assert "KV pools per rank" in console.export_text()
         procs = list(engine.tp.procs.values())
         assert len(procs) == 2 and all(p.is_alive() for p in procs)
     finally:

@@ -278,7 +278,7 @@ def inspect_memory(
     set_limit: Annotated[Optional[str], typer.Option(
         help="With --url: change how far the server's KV pool may grow (e.g. 8GiB).")] = None,
     model: O.Model = None, device: O.Device = "auto", load_format: O.LoadFormat = "auto",
-    kv_layout: O.KVLayout = "token-major",
+    kv_layout: O.KVLayout = "token-major", tensor_parallel_size: O.TensorParallelSize = 1,
 ) -> None:
     """The KV allocator's state: pool totals, each slot's mapped and reserved pages, a page map.
     Without --url it runs a short demo workload on the engine."""
@@ -310,7 +310,7 @@ def inspect_memory(
         show(console, get, as_json, watch)
         return
     llm = make_llm(model=model, device=device, load_format=load_format, kv_layout=kv_layout, max_model_len=1024,
-                   max_num_seqs=4, kv_cache_memory=128 << 20)
+                   max_num_seqs=4, kv_cache_memory=128 << 20, tensor_parallel_size=tensor_parallel_size)
     demo = DemoWorkload(llm)
     show(console, demo.snapshot, as_json, watch, advance=lambda: demo.advance(4))
 
@@ -391,6 +391,7 @@ def serve(
     finally:
         api.state.close()
         engine.shutdown()
+        llm.close()  # the pool now, and under tensor parallelism every rank's process
     if server.signalled_at is not None:
         say(f"stopped {time.monotonic() - server.signalled_at:.1f}s after the signal")
 

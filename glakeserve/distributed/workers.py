@@ -173,10 +173,14 @@ class TensorParallel:
         self.send(("check", self.take_ops(), books_for_check(kv.books), kv.blocks_per_slot))
         self._expect("checked")
 
-    def rank_pools(self) -> list[dict]:
-        """Every rank's pool counters, rank 0 first, as each rank's allocator reports them."""
+    def rank_pools(self) -> list[dict] | None:
+        """Every rank's pool counters, rank 0 first, as each rank's allocator reports them (None
+        once a rank has failed)."""
+        if self.error is not None:
+            return None
         self.send(("stats", self.take_ops()))
-        return [self.pool.stats().__dict__] + [msg[2] for msg in self._expect("stats")]
+        pools = [self.pool.stats().__dict__] + [msg[2] for msg in self._expect("stats")]
+        return [{**p, "rank": r, "device": str(rank_device(self.spec.device, r))} for r, p in enumerate(pools)]
 
     # ----- failure ----------------------------------------------------------------------------
     def _fail(self, cause: BaseException) -> BaseException:
