@@ -191,6 +191,24 @@ def test_random_llama_tp2_matches_one_process(tmp_path, kv_heads):
     assert (two["preemptions"], two["prefix_cache"]["hits"]) == (one["preemptions"], one["prefix_cache"]["hits"])
 
 
+def test_every_rank_grows_and_gives_back_its_pool_with_rank_0():
+    page = 16 * 2 * 2 * 1 * 32 * 4  # 16 tokens of tiny-llama's one KV head a rank, 2 layers, K and V, float32
+    engine = tp_engine(model="tiny-llama", load_format="dummy", max_model_len=64, max_num_seqs=4, page_size=page,
+                       kv_cache_memory=6 * page, kv_cache_max_memory=40 * page, tensor_parallel_size=2)
+    try:
+        prompts = [[3 + i] * 30 for i in range(4)]
+        finish(engine, prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+        grown = engine.stats()["rank_pools"]
+        assert grown[0]["total_pages"] > 6 and grown[0]["total_pages"] == grown[1]["total_pages"]
+        assert engine.release_idle_memory() > 0
+        idle = engine.stats()["rank_pools"]
+        assert idle[0]["total_pages"] < grown[0]["total_pages"]
+        assert [(r["total_pages"], r["used_pages"]) for r in idle] == [(idle[0]["total_pages"], idle[0]["used_pages"])] * 2
+        assert finish(engine, prompts[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    finally:
+        engine.close()
+
+
 # ----- failures -----------------------------------------------------------------------------
 def dummy_tp2(**kwargs) -> LLMEngine:
     return tp_engine(model="tiny-llama", load_format="dummy", max_model_len=64, max_num_seqs=2,
@@ -249,11 +267,15 @@ def test_a_hung_rank_times_out():
 ORPHAN_SCRIPT = """
 import sys, time
 from glakeserve.llm import LLM
+from glakeserve.sampling import SamplingParams
 if __name__ == "__main__":
     llm = LLM("tiny-llama", load_format="dummy", max_model_len=64, max_num_seqs=2, kv_cache_memory=8 << 20,
               tensor_parallel_size=2, tensor_parallel_timeout=30)
     print(" ".join(str(p.pid) for p in llm.engine.tp.procs.values()), flush=True)
-    time.sleep(60)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # busy: a signal lands mid-step as often as not
+        llm.generate([[5, 6, 7]] * 2, params)
 """
 
 
@@ -265,18 +287,26 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_ranks_exit_when_the_user_process_is_killed(tmp_path):
+@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
+def test_no_rank_outlives_the_user_process(how):
+    """SIGKILL: rank 0 gets no chance to stop the others. Ctrl-C: SIGINT reaches the whole process
+    group; the other ranks ignore it and rank 0's exit takes them down."""
     import subprocess
     import sys
     from pathlib import Path
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env, start_new_session=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 1 and not any(gone(p) for p in pids)
+        time.sleep(0.5)  # generating
+        if how == "Ctrl-C":
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=20) != 0
     finally:
-        proc.kill()  # SIGKILL: rank 0 gets no chance to stop them
+        proc.kill()
         proc.wait()
     deadline = time.monotonic() + 10
     while not all(gone(p) for p in pids) and time.monotonic() < deadline:
