@@ -32,8 +32,8 @@ def shard_problems(cfg: ModelConfig, size: int) -> list[str]:
     return problems
 
 
-def valid_sizes(cfg: ModelConfig, limit: int = 16) -> list[int]:
-    return [n for n in range(1, limit + 1) if not shard_problems(cfg, n)]
+def valid_sizes(cfg: ModelConfig) -> list[int]:
+    return [n for n in range(1, cfg.num_heads + 1) if not shard_problems(cfg, n)]
 
 
 def check_tensor_parallel_size(cfg: ModelConfig, size: int, model_name: str = "the model") -> None:
