@@ -55,8 +55,8 @@ class EngineConfig:
     async_scheduling: bool | None = None  # schedule step N+1 while step N runs (default: on a GPU)
     time_gpu_steps: bool = False  # CUDA events around each step: device busy / idle time in stats() (GPU only)
     check_integrity: bool = False  # check the KV cache's books after every step (tests)
-    tensor_parallel_size: int = 1  # ranks (processes, one device each) the model is split over; kv_cache_memory is per rank
-    tensor_parallel_timeout: float = 300.0  # seconds a rank waits for the others in a collective before the engine stops
+    tensor_parallel_size: int = 1  # processes (one device each) the model is split over; kv_cache_memory is per rank
+    tensor_parallel_timeout: float = 300.0  # seconds a collective may wait for a rank before the engine stops
 
 
 def resolve_device(device: str) -> torch.device:
@@ -157,7 +157,8 @@ class LLMEngine:
             raise
         self.attn = make_backend(config.attention_backend, self.device, kv_cfg.num_kv_heads)
         self.scheduler = Scheduler(self.kv, self.max_num_seqs, self.max_num_batched_tokens, self.eos_token_ids)
-        graphs = 0 if config.enforce_eager or self.tp is not None else min(config.cuda_graph_max_batch or self.max_num_seqs, self.max_num_seqs)
+        graphs = 0 if config.enforce_eager or self.tp is not None else \
+            min(config.cuda_graph_max_batch or self.max_num_seqs, self.max_num_seqs)
         if config.time_gpu_steps and not gpu:
             raise ValueError("time_gpu_steps times the GPU's work with CUDA events: it needs device cuda")
         self.clock = PhaseClock()

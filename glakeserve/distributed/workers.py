@@ -41,7 +41,11 @@ class RankSpec:
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
-    return device if device.type == "cpu" else torch.device("cuda", (device.index or 0) + rank)
+    """Rank r's device: the r-th GPU from rank 0's, always with its index (NCCL binds to it)."""
+    if device.type == "cpu":
+        return device
+    first = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.device("cuda", first + rank)
 
 
 # ----- rank 0 --------------------------------------------------------------------------------
@@ -71,7 +75,8 @@ class TensorParallel:
         if not timeout_s > 0:
             raise ValueError(f"tensor_parallel_timeout must be positive seconds, got {timeout_s}")
         if device.type == "cuda":
-            first = device.index or 0
+            device = rank_device(device, 0)
+            first = device.index
             if first + size > torch.cuda.device_count():
                 raise ValueError(f"tensor_parallel_size={size} needs GPUs {first}..{first + size - 1}, but torch sees "
                                  f"{torch.cuda.device_count()} GPU(s) here")
@@ -83,7 +88,7 @@ class TensorParallel:
         try:
             tp._spawn()
             tp._expect("hello")  # each rank runs; the group's rendezvous would not notice a rank that never came
-            tp.group = TPGroup(TPShard.plan(cfg, size, 0), spec.store_file, device, timeout_s)
+            tp.group = TPGroup(TPShard.plan(cfg, size, 0), spec.store_file, rank_device(device, 0), timeout_s)
             tp.model = RankModel(load_model(source, dtype, device, max_model_len, seed, tp=tp.group), tp)
             tp._expect("ready")
         except BaseException as e:
@@ -285,7 +290,7 @@ class RankModel:
         tp = self.tp
         tp.send(("logits", hidden.shape[0]))
         try:
-            tp.group.broadcast(hidden.contiguous())  # every rank's hidden states are equal; the rows are rank 0's choice
+            tp.group.broadcast(hidden.contiguous())  # the rows to sample are rank 0's choice: send them
             return self.shard.logits(hidden)
         except BaseException as e:
             raise tp._fail(e) from e

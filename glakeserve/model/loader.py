@@ -250,7 +250,8 @@ def _layer_pieces(cfg: ModelConfig, shard) -> dict[str, list[tuple[str, int, int
         i0, n_i = shard.inter_start, shard.inter_size
     return {
         "input_norm": [("input_layernorm.weight", 0, 0, h)],
-        "qkv": [("self_attn.q_proj.weight", 0, hs * D, (hs + hn) * D), ("self_attn.k_proj.weight", 0, ks * D, (ks + kn) * D),
+        "qkv": [("self_attn.q_proj.weight", 0, hs * D, (hs + hn) * D),
+                ("self_attn.k_proj.weight", 0, ks * D, (ks + kn) * D),
                 ("self_attn.v_proj.weight", 0, ks * D, (ks + kn) * D)],
         "o": [("self_attn.o_proj.weight", 1, hs * D, (hs + hn) * D)],  # row-parallel: the heads' input columns
         "post_norm": [("post_attention_layernorm.weight", 0, 0, h)],
