@@ -137,9 +137,16 @@ def chat(
         history_file = history_file or data / "chat_history"
     session = ChatSession(llm, console, system=system, params=params, live_memory=live_memory and not one_shot,
                           session_seed=session_seed, save_dir=save_dir)
-    if one_shot:
-        raise typer.Exit(session.answer_once(prompt, sys.stdout, err_console))
-    run_repl(session, history_file)
+    from glakeserve.distributed.workers import TensorParallelError
+
+    try:
+        if one_shot:
+            raise typer.Exit(session.answer_once(prompt, sys.stdout, err_console))
+        run_repl(session, history_file)
+    except TensorParallelError as e:  # a rank failed: the engine cannot go on
+        fail(str(e), code=1)
+    finally:
+        llm.close()  # under tensor parallelism: every rank's process goes now
 
 
 def _quantized_gguf_fits(model: str | None, device: str, dtype: str) -> bool:
@@ -231,7 +238,13 @@ def bench(
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     if backend == "glake":
-        res = B.run_glake(llm, reqs, console)
+        from glakeserve.distributed.workers import TensorParallelError
+
+        try:
+            res = B.run_glake(llm, reqs, console)
+        except TensorParallelError as e:
+            llm.close()
+            fail(str(e), code=1)
     else:
         res = B.run_hf(_hf_model(engine), reqs, hf_batch_size, engine.eos_token_ids[0] if engine.eos_token_ids else 0,
                        console)
