@@ -92,11 +92,14 @@ class JournaledPagePool(PagePool):
 
 class Replayer:
     """Another rank's side: applies rank 0's record to this rank's pool, in order, through the
-    pool's mapping worker; wait() returns once everything applied is in effect."""
+    pool's mapping worker. wait() returns once every page a kernel may touch is mapped (unmaps are
+    not waited for: rank 0 only unmaps pages no later step reads before they are mapped again, and
+    the worker runs jobs in order); wait_all() once everything applied is in effect."""
 
     def __init__(self, pool: PagePool, vtensors: list[VTensor]):
         self.pool, self.vtensors = pool, vtensors
-        self.pending: list[MapFuture] = []
+        self.pending: list[MapFuture] = []  # maps and aliases: a step waits for them
+        self.unmaps: list[MapFuture] = []  # waited for before the pool's size changes, and checked as they finish
 
     def apply(self, ops: list[Op], after: torch.cuda.Event | None = None) -> None:
         """after: the event of this rank's last launched step (unmaps wait for its kernels)."""
@@ -105,30 +108,38 @@ class Replayer:
             if kind == "map":
                 self.pending.append(self.pool.map_async([(vts[i], f, n) for i, f, n in args]))
             elif kind == "unmap":
-                self.pending.append(self.pool.unmap_async([(vts[i], f, n) for i, f, n in args], after=after))
+                self.unmaps.append(self.pool.unmap_async([(vts[i], f, n) for i, f, n in args], after=after))
             elif kind == "alias":
                 self.pending.append(self.pool.alias_async([(vts[d], df, vts[s], sf, n) for d, df, s, sf, n in args]))
             elif kind == "grow":
-                self.wait()
+                self.wait_all()
                 if self.pool.grow(args) != args:
                     raise RuntimeError(f"could not grow the KV pool by {args} pages as rank 0 did")
             elif kind == "shrink":
-                self.wait()
+                self.wait_all()
                 if self.pool.shrink(args) != args:
                     raise RuntimeError(f"could not give back {args} KV pool pages as rank 0 did: this rank's pool "
                                        f"differs from rank 0's")
             else:
                 raise ValueError(f"unknown page operation {kind!r}")
+        while self.unmaps and self.unmaps[0].done():
+            self.unmaps.pop(0).wait()  # raises the job's error
 
     def wait(self) -> None:
         for future in self.pending:
             future.wait()  # raises the job's error
         self.pending.clear()
 
+    def wait_all(self) -> None:
+        self.wait()
+        for future in self.unmaps:
+            future.wait()
+        self.unmaps.clear()
+
     def check(self, books: dict, blocks_per_slot: int) -> None:
         """Checks this rank's allocator against rank 0's books (its blocks and refcounts): the same
         pages mapped, aliases where rank 0 has them, the same free pages; then the pool's own books."""
-        self.wait()
+        self.wait_all()
         mirror = PageBooks(self.pool, self.vtensors, blocks_per_slot, len(books["blocks"]))
         mirror.blocks = books["blocks"]
         mirror.refs = books["refs"]

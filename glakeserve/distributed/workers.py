@@ -358,7 +358,7 @@ class RankWorker:
                 conn.send(("checked", self.rank))
             elif kind == "stats":
                 self.replayer.apply(msg[1], after=self.last_event)
-                self.replayer.wait()
+                self.replayer.wait_all()
                 conn.send(("stats", self.rank, self.kv.pool.stats().__dict__))
             elif kind == "kv":
                 self.build_kv(msg[1])
@@ -370,7 +370,7 @@ class RankWorker:
 
     def close(self) -> None:
         if self.replayer is not None:
-            self.replayer.wait()
+            self.replayer.wait_all()
         if self.kv is not None:
             self.kv.close()
 
