@@ -57,6 +57,8 @@ class EngineConfig:
     async_scheduling: bool | None = None  # schedule step N+1 while step N runs (default: on a GPU)
     time_gpu_steps: bool = False  # CUDA events around each step: device busy / idle time in stats() (GPU only)
     check_integrity: bool = False  # check the KV cache's books after every step (tests)
+    tensor_parallel_size: int = 1  # processes (one device each) the model is split over; kv_cache_memory is per rank
+    tensor_parallel_timeout: float = 300.0  # seconds a collective may wait for a rank before the engine stops
 
 
 def resolve_device(device: str) -> torch.device:
@@ -71,6 +73,33 @@ def resolve_device(device: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
     return dev
+
+
+def start_tensor_parallel(config: EngineConfig, source: ModelSource, cfg, dtype: torch.dtype, device: torch.device,
+                          max_model_len: int):
+    """Refuses what tensor parallelism does not serve, then starts the other ranks."""
+    from glakeserve.distributed.shard import check_tensor_parallel_size
+    from glakeserve.distributed.workers import TensorParallel
+
+    size = config.tensor_parallel_size
+    check_tensor_parallel_size(cfg, size, source.name)
+    if config.kv_layout == "paged":
+        raise ValueError("the paged KV baseline serves one device only: use a vTensor kv_layout with "
+                         "tensor_parallel_size > 1")
+    if config.cuda_graph_max_batch:
+        raise ValueError("CUDA graphs are not captured with tensor_parallel_size > 1 (each step's batch reaches the "
+                         "other ranks over a pipe): leave cuda_graph_max_batch unset")
+    if source.gguf is not None:
+        raise ValueError("load_format gguf runs a GGUF's quantized tensors in one CPU process and does not shard "
+                         "them: use load_format auto with tensor_parallel_size > 1")
+    if config.time_gpu_steps and device.type != "cuda":  # (checked again later: here before any rank starts)
+        raise ValueError("time_gpu_steps times the GPU's work with CUDA events: it needs device cuda")
+    from glakeserve.attention import BACKENDS
+
+    if config.attention_backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}; got {config.attention_backend!r}")
+    return TensorParallel.start(source, cfg, size, dtype, device, max_model_len, config.seed,
+                                config.tensor_parallel_timeout, config.attention_backend)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -104,20 +133,34 @@ class LLMEngine:
         self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if gpu else 1024)
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
-        self.model = load_model(self.source, self.dtype, self.device, self.max_model_len, config.seed)
+        self.tp = None  # distributed.workers.TensorParallel: the other ranks, when there are any
+        kv_cfg, pool_class = cfg, vtensor.PagePool
+        if config.tensor_parallel_size == 1:
+            self.model = load_model(self.source, self.dtype, self.device, self.max_model_len, config.seed)
+        else:
+            self.tp = start_tensor_parallel(config, self.source, cfg, self.dtype, self.device, self.max_model_len)
+            self.model, kv_cfg, pool_class = self.tp.model, self.tp.kv_config, self.tp.pool_class
         self.tokenizer = Tokenizer(self.source.tokenizer_path) if self.source.tokenizer_path else None
         eos = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and self.source.dummy_config is None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
-        self.kv = make_kv_cache(config.kv_layout, cfg, self.dtype, self.device, self.max_model_len,
-                                num_slots=2 * self.max_num_seqs,  # idle slots keep finished requests' KV
-                                memory=config.kv_cache_memory, max_memory=config.kv_cache_max_memory,
-                                page_size=config.page_size, prefix_caching=config.enable_prefix_caching,
-                                lookahead_tokens=config.lookahead_tokens)
-        self.attn = make_backend(config.attention_backend, self.device, cfg.num_kv_heads)
+        try:
+            self.kv = make_kv_cache(config.kv_layout, kv_cfg, self.dtype, self.device, self.max_model_len,
+                                    num_slots=2 * self.max_num_seqs,  # idle slots keep finished requests' KV
+                                    memory=config.kv_cache_memory, max_memory=config.kv_cache_max_memory,
+                                    page_size=config.page_size, prefix_caching=config.enable_prefix_caching,
+                                    lookahead_tokens=config.lookahead_tokens, pool_class=pool_class)
+            if self.tp is not None:
+                self.tp.attach_kv(self.kv)  # every other rank builds a pool of the same size
+        except BaseException:
+            if self.tp is not None:  # no rank outlives a failed start
+                self.tp.close()
+            raise
+        self.attn = make_backend(config.attention_backend, self.device, kv_cfg.num_kv_heads)
         self.scheduler = Scheduler(self.kv, self.max_num_seqs, self.max_num_batched_tokens, self.eos_token_ids)
-        graphs = 0 if config.enforce_eager else min(config.cuda_graph_max_batch or self.max_num_seqs, self.max_num_seqs)
+        graphs = 0 if config.enforce_eager or self.tp is not None else \
+            min(config.cuda_graph_max_batch or self.max_num_seqs, self.max_num_seqs)
         if config.time_gpu_steps and not gpu:
             raise ValueError("time_gpu_steps times the GPU's work with CUDA events: it needs device cuda")
         self.clock = PhaseClock()
@@ -261,6 +304,8 @@ class LLMEngine:
         self.counters["steps"] += 1
         if self.config.check_integrity:
             self.kv.check_integrity(self.scheduler.tokens_held())
+            if self.tp is not None:
+                self.tp.check_integrity(self.kv)
         self.clock.lap("other")
         return outputs
 
@@ -373,6 +418,8 @@ class LLMEngine:
             "phase_seconds": dict(self.clock.seconds),  # the engine thread's time by phase
             "device_timeline": self.timeline.stats() if self.timeline is not None else None,
             "pool": kv.pool,
+            "tensor_parallel_size": self.config.tensor_parallel_size,
+            "rank_pools": self.tp.rank_pools() if self.tp is not None else None,  # every rank's pool, rank 0 first
             "slots": self.kv.slot_stats(self.scheduler.tokens_held()),
             "kv_pages": {"total": kv.total_pages, "free": kv.free_pages, "requests": kv.request_pages,
                          "cached": kv.cached_pages},
@@ -410,3 +457,5 @@ class LLMEngine:
             self.runner.read(self._in_flight)
             self._in_flight = None
         self.kv.close()
+        if self.tp is not None:
+            self.tp.close()

@@ -34,6 +34,7 @@ def fail(message: str, code: int = 2) -> None:
 
 def make_llm(status_console: Console | None = None, **kwargs):
     """An LLM, or a one-line error that says what to do (no traceback)."""
+    from glakeserve.distributed.workers import TensorParallelError
     from glakeserve.llm import LLM
     from glakeserve.vtensor import VmmError
 
@@ -41,7 +42,7 @@ def make_llm(status_console: Console | None = None, **kwargs):
         with (status_console or console).status("loading the model (the first start converts it; later starts "
                                                 "are fast)..."):
             return LLM(**kwargs)
-    except (ValueError, FileNotFoundError, VmmError) as e:
+    except (ValueError, FileNotFoundError, VmmError, TensorParallelError) as e:
         fail(str(e))
 
 
@@ -88,6 +89,7 @@ def chat(
     save_dir: Annotated[Optional[Path], typer.Option(
         help="Where /save and /load keep conversations (default: the user data directory).")] = None,
     no_prefix_caching: O.NoPrefixCaching = False,
+    tensor_parallel_size: O.TensorParallelSize = 1,
 ) -> None:
     """Chat with a model in the terminal; replies stream, and the KV memory is shown live.
     `glake chat "PROMPT"` or `echo PROMPT | glake chat` answers once and exits."""
@@ -102,7 +104,7 @@ def chat(
     if model is None and words and _names_a_model(words[0], load_format or "auto"):
         model = words.pop(0)
     if load_format is None:
-        load_format = "gguf" if _quantized_gguf_fits(model, device, dtype) else "auto"
+        load_format = "gguf" if tensor_parallel_size == 1 and _quantized_gguf_fits(model, device, dtype) else "auto"
     prompt = " ".join(words) or None
     if not sys.stdin.isatty():  # piped input is the prompt (after any given on the command line)
         piped = sys.stdin.read().strip()
@@ -122,7 +124,7 @@ def chat(
         fail(f"--format takes json, got {reply_format!r}")
     llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, 1, None, kv_cache_memory, load_format,
                                      kv_layout, session_seed), enable_prefix_caching=not no_prefix_caching,
-                   status_console=err_console if one_shot else console)
+                   tensor_parallel_size=tensor_parallel_size, status_console=err_console if one_shot else console)
     if llm.tokenizer is None or not llm.tokenizer.has_chat_template:
         fail("this model has no chat template; use `glake serve` with /v1/completions instead")
     limit = llm.engine.max_model_len
@@ -145,9 +147,16 @@ def chat(
         history_file = history_file or data / "chat_history"
     session = ChatSession(llm, console, system=system, params=params, live_memory=live_memory and not one_shot,
                           session_seed=session_seed, save_dir=save_dir)
-    if one_shot:
-        raise typer.Exit(session.answer_once(prompt, sys.stdout, err_console))
-    run_repl(session, history_file)
+    from glakeserve.distributed.workers import TensorParallelError
+
+    try:
+        if one_shot:
+            raise typer.Exit(session.answer_once(prompt, sys.stdout, err_console))
+        run_repl(session, history_file)
+    except TensorParallelError as e:  # a rank failed: the engine cannot go on
+        fail(str(e), code=1)
+    finally:
+        llm.close()  # under tensor parallelism: every rank's process goes now
 
 
 def _quantized_gguf_fits(model: str | None, device: str, dtype: str) -> bool:
@@ -197,6 +206,7 @@ def bench(
     output_json: Annotated[Optional[Path], typer.Option(help="Write the figures and the timeline here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG: tokens/s, running requests, mapped vs reserved KV.")]
     = None,
+    tensor_parallel_size: O.TensorParallelSize = 1,
 ) -> None:
     """Offline throughput on ShareGPT or random prompts, reported as vLLM's benchmark does."""
     from glakeserve.cli import bench as B
@@ -206,6 +216,8 @@ def bench(
         fail(f"--backend must be glake or hf, got {backend!r}")
     if dataset not in ("sharegpt", "random"):
         fail(f"--dataset must be sharegpt or random, got {dataset!r}")
+    if backend == "hf" and tensor_parallel_size != 1:
+        fail("--backend hf runs HF transformers on one device; drop --tensor-parallel-size for it")
     if plot and backend == "hf":
         fail("--plot draws the glake engine's step timeline, which the hf backend does not have; drop --plot")
     try:  # before any work: a path that cannot be written must not cost the whole run
@@ -218,6 +230,7 @@ def bench(
     kwargs = O.engine_kwargs(model, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens,
                              kv_cache_memory, load_format, kv_layout, seed)
     kwargs["enable_prefix_caching"] = not no_prefix_caching
+    kwargs["tensor_parallel_size"] = tensor_parallel_size
     llm = make_llm(**kwargs)
     engine = llm.engine
     try:
@@ -235,7 +248,13 @@ def bench(
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     if backend == "glake":
-        res = B.run_glake(llm, reqs, console)
+        from glakeserve.distributed.workers import TensorParallelError
+
+        try:
+            res = B.run_glake(llm, reqs, console)
+        except TensorParallelError as e:
+            llm.close()
+            fail(str(e), code=1)
     else:
         res = B.run_hf(_hf_model(engine), reqs, hf_batch_size, engine.eos_token_ids[0] if engine.eos_token_ids else 0,
                        console)
@@ -282,7 +301,7 @@ def inspect_memory(
     set_limit: Annotated[Optional[str], typer.Option(
         help="With --url: change how far the server's KV pool may grow (e.g. 8GiB).")] = None,
     model: O.Model = None, device: O.Device = "auto", load_format: O.LoadFormat = "auto",
-    kv_layout: O.KVLayout = "token-major",
+    kv_layout: O.KVLayout = "token-major", tensor_parallel_size: O.TensorParallelSize = 1,
 ) -> None:
     """The KV allocator's state: pool totals, each slot's mapped and reserved pages, a page map.
     Without --url it runs a short demo workload on the engine."""
@@ -314,7 +333,7 @@ def inspect_memory(
         show(console, get, as_json, watch)
         return
     llm = make_llm(model=model, device=device, load_format=load_format, kv_layout=kv_layout, max_model_len=1024,
-                   max_num_seqs=4, kv_cache_memory=128 << 20)
+                   max_num_seqs=4, kv_cache_memory=128 << 20, tensor_parallel_size=tensor_parallel_size)
     demo = DemoWorkload(llm)
     show(console, demo.snapshot, as_json, watch, advance=lambda: demo.advance(4))
 
@@ -348,6 +367,7 @@ def serve(
     max_queued_prompt_chars: Annotated[int, typer.Option(
         min=1, help="Prompt characters waiting for the tokenizer, all requests together; a request beyond gets "
                     "429 (retry later).")] = 16_000_000,
+    tensor_parallel_size: O.TensorParallelSize = 1,
 ) -> None:
     """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics and /v1/memory. A client that disconnects ends its request; SIGTERM drains it gracefully."""
@@ -376,7 +396,8 @@ def serve(
     try:
         llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens,
                                          kv_cache_memory, load_format, kv_layout, seed),
-                       kv_cache_max_memory=kv_max, enable_prefix_caching=not no_prefix_caching)
+                       kv_cache_max_memory=kv_max, enable_prefix_caching=not no_prefix_caching,
+                       tensor_parallel_size=tensor_parallel_size)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     engine = AsyncEngine(llm.engine, idle_release_s=kv_idle_release)
@@ -393,6 +414,7 @@ def serve(
     finally:
         api.state.close()
         engine.shutdown()
+        llm.close()  # the pool now, and under tensor parallelism every rank's process
     if server.signalled_at is not None:
         say(f"stopped {time.monotonic() - server.signalled_at:.1f}s after the signal")
 

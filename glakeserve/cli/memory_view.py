@@ -111,6 +111,24 @@ def page_map(slots: list[dict], width: int = MAP_WIDTH) -> Table:
     return t
 
 
+def rank_table(ranks: list[dict]) -> Table:
+    """Tensor parallelism: one pool per rank (each holds its KV heads), plus the totals."""
+    t = Table(title="KV pools per rank (each holds the rank's KV heads; every rank maps the same pages)",
+              title_justify="left")
+    for col in ("rank", "device", "total", "used", "free", "shared", "memory used / total"):
+        t.add_column(col, justify="left" if col == "device" else "right")
+    for r in ranks:
+        ps = r["page_size"]
+        t.add_row(str(r["rank"]), r["device"], str(r["total_pages"]), str(r["used_pages"]), str(r["free_pages"]),
+                  str(r["shared_pages"]), f"{human_bytes(r['used_pages'] * ps)} / {human_bytes(r['total_pages'] * ps)}")
+    used = sum(r["used_pages"] * r["page_size"] for r in ranks)
+    total = sum(r["total_pages"] * r["page_size"] for r in ranks)
+    t.add_row("all", "", *(str(sum(r[k] for r in ranks)) for k in ("total_pages", "used_pages", "free_pages",
+                                                                    "shared_pages")),
+              f"{human_bytes(used)} / {human_bytes(total)}", style="bold")
+    return t
+
+
 def render_snapshot(snap: dict) -> Group:
     pool, slots = snap["pool"], snap.get("slots", [])
     engine = snap.get("engine")
@@ -120,6 +138,8 @@ def render_snapshot(snap: dict) -> Group:
                           f"{engine['kv_layout']} ({engine['tokens_per_page']} tokens a page per vTensor)",
                           style="bold"))
     parts += [pool_table(pool), counters_line(pool, engine)]
+    if engine and engine.get("rank_pools"):
+        parts += [Text(""), rank_table(engine["rank_pools"])]
     if slots:
         parts += [Text(""), slot_table(slots, pool["page_size"]), Text(""), page_map(slots)]
     return Group(*parts)
@@ -136,6 +156,10 @@ def live_panel(snap: dict) -> Panel:
     lines.append("█" * filled, style="green")
     lines.append("·" * (bar_width - filled), style="dim")
     lines.append(f" {used}/{total} pages ({human_bytes(used * pool['page_size'])})\n")
+    ranks = (snap.get("engine") or {}).get("rank_pools")
+    if ranks:
+        lines.append(" · ".join(f"rank {r['rank']} {r['used_pages']}/{r['total_pages']}" for r in ranks) + "\n",
+                     style="dim")
     for s in slots:
         if not s.get("internal") and (s["owner"] or s["mapped_pages"]):
             who = s["owner"] or "idle"

@@ -29,6 +29,10 @@ KVLayout = Annotated[str, typer.Option(
          "and K/V: a view per layer is contiguous), or paged (the block-table baseline, for comparison); "
          "benchmarks/RESULTS.md compares them.")]
 Seed = Annotated[int, typer.Option(help="Seed for requests that bring none.")]
+TensorParallelSize = Annotated[int, typer.Option(
+    "--tensor-parallel-size", "-tp", min=1,
+    help="Split the model over this many devices (one process each; gloo on CPUs, NCCL on GPUs). "
+         "--kv-cache-memory is then per device.")]
 NoPrefixCaching = Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")]
 
 UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,

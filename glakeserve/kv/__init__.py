@@ -50,10 +50,12 @@ def kv_cache_bytes(setting: float | None, device: torch.device, info: tuple[int,
 
 def make_kv_cache(layout: KVLayout | str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                   max_model_len: int, num_slots: int, memory: float | None = None, max_memory: float | None = None,
-                  page_size: int | None = None, prefix_caching: bool = True, lookahead_tokens: int = 64) -> KVCache:
+                  page_size: int | None = None, prefix_caching: bool = True, lookahead_tokens: int = 64,
+                  pool_class: type[vtensor.PagePool] = vtensor.PagePool) -> KVCache:
     """memory / max_memory: bytes (> 1) or fractions of free memory (<= 1); max_memory is how far a
     vTensor pool may grow when short (default: where it starts). page_size: bytes of a pool page
-    (a multiple of the driver's 2 MiB on a GPU); by default one that holds at least 16 tokens."""
+    (a multiple of the driver's 2 MiB on a GPU); by default one that holds at least 16 tokens.
+    pool_class: the PagePool to build (tensor parallelism's rank 0 records its page operations)."""
     gpu = device.type == "cuda"
     per_token = cfg.num_kv_heads * cfg.head_dim * dtype.itemsize  # in one vTensor, one layer's K
     whole = per_token * 2 * cfg.num_layers  # a token's K and V of every layer
@@ -67,14 +69,14 @@ def make_kv_cache(layout: KVLayout | str, cfg: ModelConfig, dtype: torch.dtype, 
         return PagedKVCache(cfg, dtype, device, max_model_len, num_slots, start)
     if layout is not KVLayout.PER_LAYER:
         per_token = whole
-    pool = vtensor.PagePool(0, page_size=page_size, backend="cuda" if gpu else "host", device=device.index or 0)
+    pool = pool_class(0, page_size=page_size, backend="cuda" if gpu else "host", device=device.index or 0)
     try:
         if page_size is None:
             granularity = pool.page_size if gpu else 4096
             chosen = default_page_size(per_token, granularity, host=not gpu)
             if chosen != pool.page_size:
                 pool.close()
-                pool = vtensor.PagePool(0, page_size=chosen, backend="cuda" if gpu else "host",
+                pool = pool_class(0, page_size=chosen, backend="cuda" if gpu else "host",
                                         device=device.index or 0)
         per_block = 2 * cfg.num_layers if layout is KVLayout.PER_LAYER else 1
         pages = start // pool.page_size // per_block * per_block

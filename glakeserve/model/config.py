@@ -149,6 +149,7 @@ DUMMY_SHAPES: dict[str, ModelConfig] = {
         128256, 4096, 14336, 32, 32, 8, 131072, theta=500000.0,
         scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
     ),
+    "llama-3-70b": _shape(128256, 8192, 28672, 80, 64, 8, 8192, theta=500000.0),
     "smollm2-135m": replace(_shape(49152, 576, 1536, 30, 9, 3, 8192, theta=100000.0, tie=True), rms_norm_eps=1e-5),
     # tiny shapes for tests and quick runs
     "tiny-llama": _shape(1024, 128, 256, 2, 4, 2, 1024),

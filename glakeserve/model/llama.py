@@ -102,9 +102,12 @@ class Layer:
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights], norm: torch.Tensor,
-                 lm_head, max_positions: int):
-        """lm_head: a dense [vocab, hidden] tensor, a quantized layer, or None (tied to embed)."""
+                 lm_head, max_positions: int, tp=None):
+        """lm_head: a dense [vocab, hidden] tensor, a quantized layer, or None (tied to embed).
+        tp: a distributed.TPGroup when this is one rank's shard (cfg then has the rank's heads, KV
+        heads and intermediate size; embed and lm_head its vocabulary rows); None for the whole model."""
         self.cfg = cfg
+        self.tp = tp
         self.embed = embed  # [vocab, hidden]
         self.layers = [Layer(w) for w in layers]
         self.norm = norm
@@ -129,7 +132,7 @@ class LlamaModel:
         eps = cfg.rms_norm_eps
         cos, sin = self.rotary.tables(positions, self.dtype)
         # the residual stream: each add_norm adds a sublayer's output and normalises for the next
-        x, residual = self._add_norm(F.embedding(input_ids, self.embed), None, self.layers[0].input_norm, eps)
+        x, residual = self._add_norm(self._embed(input_ids), None, self.layers[0].input_norm, eps)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(x).view(-1, H + 2 * KVH, D)  # [tokens, H + 2 KVH, D]
             self._rope(qkv, H + KVH, cos, sin)  # q and k rotate in place
@@ -137,12 +140,30 @@ class LlamaModel:
             k_cache, v_cache = kv_cache.k_cache(i), kv_cache.v_cache(i)
             attn.store_kv(k_cache, v_cache, k, v, meta)
             o = attn.forward(q, k_cache, v_cache, meta)  # [tokens, H, D]
-            x, residual = self._add_norm(layer.o(o.reshape(-1, self.q_size)), residual, layer.post_norm, eps)
+            attn_out = layer.o(o.reshape(-1, self.q_size))
+            if self.tp is not None:  # row-parallel: each rank's heads give a partial sum
+                self.tp.all_reduce(attn_out)
+            x, residual = self._add_norm(attn_out, residual, layer.post_norm, eps)
             mlp = layer.down(self._silu_mul(layer.gate_up(x)))
+            if self.tp is not None:
+                self.tp.all_reduce(mlp)
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             x, residual = self._add_norm(mlp, residual, next_norm, eps)
         return x
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] -> [n, vocab] in float32."""
-        return self.lm_head(hidden).float()
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return F.embedding(input_ids, self.embed)
+        shard = self.tp.shard  # vocab-parallel: rows outside this rank's shard look up zeros
+        local = input_ids - shard.vocab_start
+        outside = (local < 0) | (local >= shard.vocab_shard)
+        x = F.embedding(local.clamp(0, shard.vocab_shard - 1), self.embed)  # [tokens, hidden]
+        x.masked_fill_(outside.unsqueeze(1), 0)
+        return self.tp.all_reduce(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[n, hidden] -> [n, vocab] in float32 (a shard: on rank 0, None on the others)."""
+        if self.tp is None:
+            return self.lm_head(hidden).float()
+        full = self.tp.gather_cat(self.lm_head(hidden).float().contiguous())  # [n, size * vocab_shard]
+        return None if full is None else full[:, :self.tp.shard.vocab_size]

@@ -8,6 +8,7 @@ import glob
 import hashlib
 import importlib.util
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,32 +238,152 @@ def load_hf_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
     return LlamaModel(cfg, embed, layers, take("model.norm.weight"), lm_head, max_positions)
 
 
+def _layer_pieces(cfg: ModelConfig, shard) -> dict[str, list[tuple[str, int, int, int]]]:
+    """LayerWeights field -> the HF tensors (name suffix, dim, start, stop) whose slices, stacked
+    along dim 0, make it; the whole tensors without a shard, the rank's part with one
+    (distributed/shard.py says which part)."""
+    h, D = cfg.hidden_size, cfg.head_dim
+    if shard is None:
+        hs, hn, ks, kn, i0, n_i = 0, cfg.num_heads, 0, cfg.num_kv_heads, 0, cfg.intermediate_size
+    else:
+        hs, hn, ks, kn = shard.head_start, shard.num_heads, shard.kv_head_start, shard.num_kv_heads
+        i0, n_i = shard.inter_start, shard.inter_size
+    return {
+        "input_norm": [("input_layernorm.weight", 0, 0, h)],
+        "qkv": [("self_attn.q_proj.weight", 0, hs * D, (hs + hn) * D),
+                ("self_attn.k_proj.weight", 0, ks * D, (ks + kn) * D),
+                ("self_attn.v_proj.weight", 0, ks * D, (ks + kn) * D)],
+        "o": [("self_attn.o_proj.weight", 1, hs * D, (hs + hn) * D)],  # row-parallel: the heads' input columns
+        "post_norm": [("post_attention_layernorm.weight", 0, 0, h)],
+        "gate_up": [("mlp.gate_proj.weight", 0, i0, i0 + n_i), ("mlp.up_proj.weight", 0, i0, i0 + n_i)],
+        "down": [("mlp.down_proj.weight", 1, i0, i0 + n_i)],
+    }
+
+
+def _vocab_rows(cfg: ModelConfig, shard) -> tuple[int, int, int]:
+    """(first row, rows that exist, rows of the shard): the shard's rows past the vocabulary are zeros."""
+    if shard is None:
+        return 0, cfg.vocab_size, cfg.vocab_size
+    stop = min(shard.vocab_start + shard.vocab_shard, cfg.vocab_size)
+    return shard.vocab_start, max(0, stop - shard.vocab_start), shard.vocab_shard
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+class _ShardReader:
+    """Reads slices of a checkpoint's tensors; from safetensors only the slice is read (a rank never
+    holds the whole model). pytorch_model*.bin files cannot be read in slices: they load whole."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.where: dict[str, object] = {}
+        files = sorted(glob.glob(str(path / "*.safetensors")))
+        if files:
+            from safetensors import SafetensorError, safe_open
+
+            for f in files:
+                try:
+                    handle = safe_open(f, framework="pt")
+                    self.where.update((name, handle) for name in handle.keys())
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"{f} is corrupt or truncated ({e}); download the model again") from e
+            self.full = None
+        else:
+            self.full = _read_checkpoint(path)
+
+    def has(self, name: str) -> bool:
+        return name in self.where if self.full is None else name in self.full
+
+    def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        if not self.has(name):
+            raise ValueError(f"{self.path}: the checkpoint is incomplete, {name} is missing; download the model again")
+        if self.full is not None:
+            return self.full[name].narrow(dim, start, stop - start)
+        part = self.where[name].get_slice(name)
+        return part[start:stop] if dim == 0 else part[:, start:stop]
+
+
+def load_hf_shard(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
+                  tp) -> LlamaModel:
+    """One tensor-parallel rank's part of a HF checkpoint (tp: its distributed.TPGroup)."""
+    reader = _ShardReader(path)
+
+    def take(name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return reader.read(name, dim, start, stop).to(device=device, dtype=dtype)
+
+    pieces = _layer_pieces(cfg, tp.shard)
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        parts = {field: [take(p + n, dim, a, b) for n, dim, a, b in spec] for field, spec in pieces.items()}
+        layers.append(LayerWeights(**{field: ts[0] if len(ts) == 1 else torch.cat(ts) for field, ts in parts.items()}))
+    first, rows, shard_rows = _vocab_rows(cfg, tp.shard)
+    embed = _pad_rows(take("model.embed_tokens.weight", 0, first, first + rows), shard_rows)
+    lm_head = None
+    if not cfg.tie_word_embeddings and reader.has("lm_head.weight"):
+        lm_head = _pad_rows(take("lm_head.weight", 0, first, first + rows), shard_rows)
+    norm = take("model.norm.weight", 0, 0, cfg.hidden_size)
+    return LlamaModel(tp.shard.local_config(cfg), embed, layers, norm, lm_head, max_positions, tp=tp)
+
+
+DUMMY_BLOCK_ROWS = {"self_attn.q_proj.weight": None, "self_attn.k_proj.weight": None, "self_attn.v_proj.weight": None,
+                    "self_attn.o_proj.weight": None, "mlp.gate_proj.weight": 64, "mlp.up_proj.weight": 64,
+                    "mlp.down_proj.weight": 64}  # None: one head (head_dim rows or columns)
+
+
+def _dummy_slice(g: torch.Generator, seed: int, key: str, shape: tuple[int, ...], dim: int, start: int, stop: int,
+                 unit: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[start, stop) along dim of a random tensor (normal, std 0.02) defined block by block: block j
+    (`unit` wide along dim) comes from its own seed, so a rank makes only the blocks its slice
+    covers and every tensor-parallel size sees the same values."""
+    parts = []
+    for j in range(start // unit, -(-stop // unit)):
+        lo, hi = j * unit, min((j + 1) * unit, shape[dim])
+        block_shape = list(shape)
+        block_shape[dim] = hi - lo
+        g.manual_seed(zlib.crc32(f"{seed}:{key}:{j}".encode()))
+        block = torch.randn(block_shape, generator=g, device=device, dtype=torch.float32) * 0.02
+        a, b = max(start, lo) - lo, min(stop, hi) - lo
+        parts.append(block.narrow(dim, a, b - a).to(dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def dummy_weights(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
-                  seed: int = 0) -> LlamaModel:
-    """Random weights (normal, std 0.02; norms 1) made on the device, for shapes with no checkpoint."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    h, d = cfg.hidden_size, cfg.head_dim
+                  seed: int = 0, tp=None) -> LlamaModel:
+    """Random weights (normal, std 0.02; norms 1) made on the device, for shapes with no checkpoint.
+    tp: a distributed.TPGroup; its rank makes only its shard, equal to that part of the whole model."""
+    g = torch.Generator(device=device)
+    h, D, I, V = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    shard = tp.shard if tp is not None else None
+    full = {"self_attn.q_proj.weight": (cfg.num_heads * D, h), "self_attn.k_proj.weight": (cfg.num_kv_heads * D, h),
+            "self_attn.v_proj.weight": (cfg.num_kv_heads * D, h), "self_attn.o_proj.weight": (h, cfg.num_heads * D),
+            "mlp.gate_proj.weight": (I, h), "mlp.up_proj.weight": (I, h), "mlp.down_proj.weight": (h, I)}
 
-    def rand(*shape):
-        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype)
+    def piece(layer: int, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        if name.endswith("norm.weight"):
+            return torch.ones(stop - start, device=device, dtype=dtype)
+        return _dummy_slice(g, seed, f"{layer}.{name}", full[name], dim, start, stop, DUMMY_BLOCK_ROWS[name] or D,
+                            dtype, device)
 
-    def ones(n):
-        return torch.ones(n, device=device, dtype=dtype)
+    pieces = _layer_pieces(cfg, shard)
+    layers = []
+    for i in range(cfg.num_layers):
+        parts = {field: [piece(i, n, dim, a, b) for n, dim, a, b in spec] for field, spec in pieces.items()}
+        layers.append(LayerWeights(**{field: ts[0] if len(ts) == 1 else torch.cat(ts) for field, ts in parts.items()}))
+    first, rows, shard_rows = _vocab_rows(cfg, shard)
 
-    layers = [
-        LayerWeights(
-            input_norm=ones(h),
-            qkv=rand((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h),
-            o=rand(h, cfg.num_heads * d),
-            post_norm=ones(h),
-            gate_up=rand(2 * cfg.intermediate_size, h),
-            down=rand(h, cfg.intermediate_size),
-        )
-        for _ in range(cfg.num_layers)
-    ]
-    embed = rand(cfg.vocab_size, h)
-    lm_head = None if cfg.tie_word_embeddings else rand(cfg.vocab_size, h)
-    return LlamaModel(cfg, embed, layers, ones(h), lm_head, max_positions)
+    def vocab(key: str) -> torch.Tensor:
+        t = _dummy_slice(g, seed, key, (V, h), 0, first, first + rows, 1024, dtype, device) if rows else \
+            torch.empty(0, h, device=device, dtype=dtype)
+        return _pad_rows(t, shard_rows)
+
+    embed = vocab("embed")
+    lm_head = None if cfg.tie_word_embeddings else vocab("lm_head")
+    local_cfg = shard.local_config(cfg) if shard is not None else cfg
+    return LlamaModel(local_cfg, embed, layers, torch.ones(h, device=device, dtype=dtype), lm_head, max_positions,
+                      tp=tp)
 
 
 def quantize_as_gguf(model: LlamaModel, gguf: Path) -> LlamaModel:
@@ -303,14 +424,20 @@ def quantize_as_gguf(model: LlamaModel, gguf: Path) -> LlamaModel:
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int,
-               seed: int = 0) -> LlamaModel:
+               seed: int = 0, tp=None) -> LlamaModel:
+    """tp: a distributed.TPGroup to load only this rank's shard; None for the whole model."""
     if source.dummy_config is not None:
-        return dummy_weights(source.dummy_config, dtype, device, max_positions, seed)
+        return dummy_weights(source.dummy_config, dtype, device, max_positions, seed, tp=tp)
     if source.gguf is not None:
+        if tp is not None:
+            raise ValueError("load_format gguf runs a GGUF's quantized tensors in one CPU process; it does not "
+                             "shard them: use load_format auto with tensor_parallel_size > 1")
         if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
             raise ValueError("load_format gguf runs the file's 4-bit and 8-bit tensors with torch's CPU kernels: "
                              "use it with device cpu and dtype float32 or bfloat16, or load_format auto")
     cfg = config_from_hf(source.path / "config.json")
+    if tp is not None:
+        return load_hf_shard(source.path, cfg, dtype, device, max_positions, tp)
     model = load_hf_weights(source.path, cfg, dtype, device, max_positions)
     return quantize_as_gguf(model, source.gguf) if source.gguf is not None else model
 

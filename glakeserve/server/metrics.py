@@ -43,4 +43,12 @@ def prometheus(stats: dict, model: str) -> str:
     lines = []
     for name, kind, help_, value in rows:
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f'{name}{{model="{label}"}} {value}']
+    ranks = stats.get("rank_pools")
+    if ranks:  # tensor parallelism: every rank's pool (rank="all": the sum)
+        for name, help_, key in (("glake_kv_rank_pool_pages", "Physical pages in a rank's KV pool", "total_pages"),
+                                 ("glake_kv_rank_pages_mapped", "Physical KV pages a rank has mapped", "used_pages"),
+                                 ("glake_kv_rank_pages_free", "Physical KV pages free in a rank's pool", "free_pages")):
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge"]
+            lines += [f'{name}{{model="{label}",rank="{r["rank"]}"}} {r[key]}' for r in ranks]
+            lines.append(f'{name}{{model="{label}",rank="all"}} {sum(r[key] for r in ranks)}')
     return "\n".join(lines) + "\n"

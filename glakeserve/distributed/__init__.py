@@ -1,0 +1,33 @@
+"""Tensor parallelism: one model served by N processes, one per device (rank), each holding 1/N of
+every weight matrix and its own KV pool for its KV heads. tensor_parallel_size=1 never imports this.
+
+    rank 0 (the user's process)                     ranks 1..N-1 (spawned, owned by the engine)
+    -----------------------------------------       -------------------------------------------
+    scheduler, KV books, prefix cache, sampler      model shard, KV pool (same geometry), no policy
+    launch(step):
+      pipe -> ("step", page ops, slots, lens)  ──►  replay page ops on its pool
+      broadcast(token ids)                     ──►  receive token ids
+      forward(shard)  <── all-reduce x 2 a layer ─►  forward(shard)
+      pipe -> ("logits", n); broadcast(rows)   ──►  lm_head shard
+      gather(logits shards) -> sample          ◄──  gather
+
+Decision: rank 0 schedules and broadcasts each step's batch; the other ranks run no scheduler.
+The alternative, every rank running the same deterministic scheduler on broadcast requests, would
+need every rank to see every request, abort, stop string, detokenized text and timing-dependent
+choice (the KV cache polls its mapping worker; async scheduling reads tokens a step late) in the
+same order, and any divergence would corrupt silently. Broadcasting the batch is a few hundred
+bytes a step (slot ids and lengths over a pipe, token ids through the collective group), keeps the
+scheduler, sampler and server single-process code, and gives the other ranks nothing to disagree
+about. Page decisions follow the same rule (journal.py): rank 0's KV cache decides, the other ranks
+replay its page operations.
+
+Transport: control messages go over one multiprocessing pipe per rank (a rank waiting for work
+needs no timeout, and sees EOF when rank 0 goes away); tensors go through torch.distributed (gloo
+on CPUs, NCCL on GPUs, NCCL_NVLS_ENABLE=0 in every process), whose collectives carry a timeout, so
+a rank that hangs makes the others fail instead of waiting forever. A rank that raises reports its
+error over its pipe and exits; rank 0 turns a failed collective into TensorParallelError naming the
+rank and the cause, and stops the other ranks. Ranks ignore SIGINT (Ctrl-C is rank 0's to handle)
+and exit when rank 0's process is gone.
+"""
+
+from glakeserve.distributed.shard import TPShard, check_tensor_parallel_size  # noqa: F401
