@@ -15,7 +15,7 @@ import pytest
 from openai import OpenAI
 
 from glakeserve.server.protocol import ApiError
-from glakeserve.server.tools import ToolRequest, parse_tool_calls, tool_request
+from glakeserve.server.tools import ToolStream, parse_tool_calls, tool_request
 from glakeserve.tokenizer import Tokenizer
 from helpers import save_tiny_hf_llama
 from serve_helpers import Server
@@ -94,7 +94,8 @@ def test_hermes_parser():
     assert calls(parse_tool_calls(unclosed, "hermes", NAMES)) == (None, [("get_time", {"tz": "UTC"})])
     for plain in ("The weather is fine.", '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>',
                   '<tool_call>{"name": "launch", "arguments": {}}</tool_call>',  # not one of the tools
-                  '<tool_call>["get_time"]</tool_call>', '<tool_call>{"name": "get_time", "arguments": 3}</tool_call>'):
+                  '<tool_call>["get_time"]</tool_call>', '<tool_call>{"name": ["get_time"], "arguments": {}}</tool_call>',
+                  '<tool_call>{"name": "get_time", "arguments": 3}</tool_call>'):
         assert parse_tool_calls(plain, "hermes", NAMES) is None, plain
 
 
@@ -124,7 +125,33 @@ def test_tool_request_parse_honours_choice_and_parallel():
     assert json.loads(required.forced().spec)["type"] == "array"
     assert calls(required.parse('[{"name": "get_time", "parameters": {}}]', "llama3_json")) == (
         None, [("get_time", {})])
+    assert required.parse("[]", "hermes") == ("[]", [])
     assert tool_request({"tools": [], "tool_choice": "none"}) is None
+
+
+STREAMED = [  # (format, reply, content that may go out before the end)
+    ("hermes", 'Let me see.\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', "Let me see."),
+    ("hermes", 'Use a <tool> or <tool_call>{"name": "get_time", "arguments": {}}</tool_call>', "Use a <tool> or"),
+    ("hermes", "No call here, only <tool_ text.", "No call here, only <tool_ text."),
+    ("hermes", '<tool_call>{"name": "nope", "arguments": {}}</tool_call>', ""),
+    ("llama3_json", '  {"name": "get_time", "parameters": {}}', ""),
+    ("llama3_json", "Plain {text}", "Plain {text}"),
+    ("llama3_json", '<|python_tag|>{"name": "get_time", "parameters": {}}', ""),
+]
+
+
+@pytest.mark.parametrize("fmt,reply,early", STREAMED)
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_streamed_reply_matches_the_whole_one(fmt, reply, early, step):
+    """Fed in pieces, a reply gives the content that parse() gives for it whole, and the same calls;
+    nothing that can belong to a call goes out before the end."""
+    tools = tool_request({"tools": TOOLS})
+    reader = ToolStream(tools, fmt)
+    sent = "".join(reader.feed(reply[i:i + step]) for i in range(0, len(reply), step))
+    assert early.startswith(sent) and (step == 1000 or sent == early), sent
+    rest, found = reader.finish()
+    content, whole = tools.parse(reply, fmt)
+    assert sent + rest == (content or "") and [c.name for c in found] == [c.name for c in whole]
 
 
 BAD_TOOLS = [  # (fields, words the message must hold)
@@ -243,6 +270,23 @@ def test_streamed_tool_call_comes_in_one_delta(client):
     assert call.index == 0
     check_call(call, "get_weather")
     assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_streamed_auto_reply_sends_content_first_then_the_call(client):
+    said = 'Checking now.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "metric": false}}</tool_call>'
+    chunks = list(client.chat.completions.create(model="tiny-tools", messages=MESSAGES, tools=TOOLS, max_tokens=80,
+                                                 stream=True, extra_body={"guided_choice": [said]}))
+    deltas = [c.choices[0] for c in chunks]
+    content = [d.delta.content for d in deltas if d.delta.content]
+    assert "".join(content) == "Checking now." and len(content) > 1  # streamed, not held back
+    with_calls = [d for d in deltas if d.delta.tool_calls]
+    assert len(with_calls) == 1 and with_calls[-1] is deltas[-1] and deltas[-1].finish_reason == "tool_calls"
+    assert check_call(with_calls[0].delta.tool_calls[0], "get_weather") == {"city": "Oslo", "metric": False}
+    plain = dict(model="tiny-tools", messages=MESSAGES, tools=TOOLS, max_tokens=12, temperature=0)
+    whole = client.chat.completions.create(**plain).choices[0]
+    pieces = [c.choices[0] for c in client.chat.completions.create(**plain, stream=True)]
+    assert "".join(p.delta.content or "" for p in pieces) == whole.message.content
+    assert pieces[-1].finish_reason == whole.finish_reason != "tool_calls"
 
 
 def test_tool_results_in_the_conversation_are_rendered(client, server):

@@ -242,7 +242,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                 yield sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, index=i))
             fan = _FanIn(gens)
             finals = [None] * len(gens)
-            texts, held = [""] * len(gens), [[] for _ in gens]  # with tools: each choice's reply, until it ends
+            readers = [T.ToolStream(tools, tool_format) for _ in gens] if parse else None
             try:
                 while (item := await fan.next()) is not None:
                     index, out = item
@@ -251,14 +251,15 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                         continue
                     reason = P.finish_reason(out)
                     finals[index] = out if out.finished else None
-                    if parse:  # tool calls are read from the whole reply: it goes out in one delta at the end
-                        texts[index] += out.delta_text
-                        held[index] += out.delta_logprobs or []
+                    if readers is not None:  # content while no call can have begun; calls at the end
+                        content = readers[index].feed(out.delta_text)
+                        delta = {"content": content} if content else {}
                         if out.finished:
-                            yield sse(P.chat_chunk(rid, name, *_tool_delta(out, texts[index],
-                                                                           tool_reply(tools, texts[index])),
-                                                   P.chat_logprobs(held[index] if params.logprobs is not None
-                                                                   else None, tok), index))
+                            rest, calls = readers[index].finish()
+                            delta, reason = _tool_delta(out, delta, rest, [c.openai() for c in calls])
+                        if delta or reason or out.delta_logprobs:
+                            yield sse(P.chat_chunk(rid, name, delta, reason, P.chat_logprobs(out.delta_logprobs, tok),
+                                                   index))
                         continue
                     if out.delta_text or reason or out.delta_logprobs:
                         delta = {"content": out.delta_text} if out.delta_text else {}
@@ -392,13 +393,14 @@ class _FanIn:
             t.cancel()
 
 
-def _tool_delta(out: RequestOutput, text: str, reply: tuple[str | None, list[dict]]) -> tuple[dict, str | None]:
-    """The one delta of a streamed reply whose tool calls were parsed, in OpenAI's chunk shape (each
-    call with its index), and its finish_reason."""
-    message, reason = P.chat_message(dataclasses.replace(out, text=text), reply)
-    delta = {"content": message["content"]} if message["content"] else {}
-    if "tool_calls" in message:
-        delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+def _tool_delta(out: RequestOutput, delta: dict, rest: str, calls: list[dict]) -> tuple[dict, str | None]:
+    """The last delta of a streamed choice whose reply was parsed: the content held back, and its
+    calls whole, each with its index (OpenAI's chunk shape); and its finish_reason."""
+    content = delta.get("content", "") + rest
+    _, reason = P.chat_message(out, (content, calls))
+    delta = {"content": content} if content else {}
+    if calls:
+        delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
     return delta, reason
 
 

@@ -74,7 +74,7 @@ class ToolRequest:
             found = self._forced_calls(text)
         else:
             found = parse_tool_calls(text, fmt, self.schemas.keys())
-        if found is None:
+        if found is None or not found[1]:
             return text, []
         content, calls = found
         return content, calls if self.parallel else calls[:1]  # parallel_tool_calls false: the first call only
@@ -92,7 +92,7 @@ class ToolRequest:
 
 def _call(value, names) -> ToolCall | None:
     """{"name": ..., "parameters" or "arguments": {...}} naming one of the tools, else None."""
-    if not isinstance(value, dict) or value.get("name") not in names:
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or value["name"] not in names:
         return None
     args = value.get("arguments", value.get("parameters", {}))
     if isinstance(args, str):  # some models write the arguments as JSON text
@@ -118,7 +118,7 @@ def parse_tool_calls(text: str, fmt: str, names) -> tuple[str | None, list[ToolC
                 return None
         if not calls or None in calls:
             return None
-        return text[:start].strip() or None, calls
+        return text[:start].rstrip() or None, calls
     if fmt != "llama3_json":
         raise ValueError(f"unknown tool-call format {fmt!r}; expected one of {', '.join(TOOL_FORMATS)}")
     rest = text.strip().removeprefix(PYTHON_TAG).lstrip()
@@ -133,6 +133,60 @@ def parse_tool_calls(text: str, fmt: str, names) -> tuple[str | None, list[ToolC
         calls.append(_call(value, names))
         pos = len(rest) - len(rest[pos:].lstrip().removeprefix(";").lstrip())  # `; ` between calls
     return None if None in calls else (None, calls)
+
+
+class ToolStream:
+    """One streamed choice of a request whose reply is parsed: its text goes out as content while
+    no call can have begun (Hermes: before `<tool_call>`; Llama 3.1: a reply that does not open with
+    `{`); from where a call may begin it is held back, and read whole at the end (finish()). A forced
+    call (tool_choice required or named) is held back from the start."""
+
+    def __init__(self, tools: ToolRequest, fmt: str):
+        self.tools, self.fmt = tools, fmt
+        self.text, self.sent = "", 0  # the reply so far; how many of its characters went out as content
+        self.holding = tools.choice in ("function", "required")
+        self.plain = False  # Llama 3.1: the reply is not a call
+
+    def feed(self, delta: str) -> str:
+        """The content that can go out now."""
+        self.text += delta
+        if self.holding:
+            return ""
+        if self.fmt == "hermes":
+            start = self.text.find("<tool_call>", self.sent)
+            if start >= 0:
+                self.holding, end = True, start
+            else:  # a tail that may be the tag's beginning, and trailing space (stripped before a call), wait
+                end = len(self.text) - _tag_prefix(self.text, "<tool_call>")
+            end = len(self.text[:end].rstrip())
+        elif self.plain:
+            end = len(self.text)
+        else:
+            head = self.text.lstrip()
+            if head.startswith("{") or head.startswith(PYTHON_TAG):
+                self.holding = True
+                return ""
+            if not head or PYTHON_TAG.startswith(head):
+                return ""
+            self.plain, end = True, len(self.text)
+        out = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """The content not yet sent, and the calls (parse() of the whole reply)."""
+        content, calls = self.tools.parse(self.text, self.fmt)
+        if not calls:
+            return self.text[self.sent:], []
+        return (content or "")[self.sent:], calls
+
+
+def _tag_prefix(text: str, tag: str) -> int:
+    """The length of the longest end of text that is a beginning of tag."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
 
 
 # ----- the request's fields -----------------------------------------------------------------------
