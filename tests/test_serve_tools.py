@@ -289,6 +289,29 @@ def test_streamed_auto_reply_sends_content_first_then_the_call(client):
     assert pieces[-1].finish_reason == whole.finish_reason != "tool_calls"
 
 
+def test_a_llama_template_gets_its_calls_parsed_as_json(tmp_path, smollm2_dir):
+    """The parser follows the template: behind a Llama 3.1-style template a bare JSON object is a
+    call (and a Hermes block is not)."""
+    path = save_tiny_hf_llama(tmp_path / "llama-tools", vocab=49152, hidden=64, layers=2)
+    with_template(smollm2_dir, path, LLAMA31_TEMPLATE)
+    s = Server(["--model", str(path), "--max-model-len", "256", "--kv-cache-memory", "16MiB",
+                "--served-model-name", "tiny-llama"],
+               tmp_path / "server.log").wait_ready()
+    try:
+        client = OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        said = '{"name": "get_weather", "parameters": {"city": "Paris", "metric": true}}'
+        r = client.chat.completions.create(model="tiny-llama", messages=MESSAGES, tools=TOOLS, max_tokens=60,
+                                           extra_body={"guided_choice": [said]})
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        assert check_call(r.choices[0].message.tool_calls[0], "get_weather") == {"city": "Paris", "metric": True}
+        hermes = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+        r = client.chat.completions.create(model="tiny-llama", messages=MESSAGES, tools=TOOLS, max_tokens=60,
+                                           extra_body={"guided_choice": [hermes]})
+        assert r.choices[0].message.content == hermes and not r.choices[0].message.tool_calls
+    finally:
+        assert s.stop() == 0, s.log()
+
+
 def test_tool_results_in_the_conversation_are_rendered(client, server):
     history = MESSAGES + [
         {"role": "assistant", "content": None, "tool_calls": [
