@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 REPLACEMENT = "\ufffd"  # what a decoder emits for bytes of an unfinished UTF-8 character
@@ -50,17 +51,41 @@ class Tokenizer:
                 return [BYTE_OF_CHAR[c] for c in piece]
         return list(self.token_text(token_id).encode("utf-8"))
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """tools: OpenAI's [{"type": "function", "function": {...}}], rendered by the template (check
+        tool_format first: a template without tool support ignores them)."""
         if not self.has_chat_template:
             raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"each chat message needs 'role' and 'content', got {m!r}")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.hf.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         # the template writes the special tokens itself
-        return self.encode(self.chat_prompt(messages), add_special_tokens=False)
+        return self.encode(self.chat_prompt(messages, tools=tools), add_special_tokens=False)
+
+    @functools.cached_property
+    def tool_format(self) -> str | None:
+        """How this model writes tool calls, read from its chat template: "hermes" (<tool_call> blocks,
+        Hermes and Qwen) or "llama3_json" (a bare JSON object, Llama 3.1); None when the template does
+        not render tools (a prompt with a probe tool comes out the same as without it)."""
+        if not self.has_chat_template:
+            return None
+        messages = [{"role": "user", "content": "hi"}]
+        probe = [{"type": "function", "function": {"name": "glake_probe_tool", "description": "a probe",
+                                                   "parameters": {"type": "object", "properties": {}}}}]
+        try:
+            with_tools = self.chat_prompt(messages, tools=probe)
+        except Exception:  # noqa: BLE001 -- a template that fails on tools (jinja errors of any kind) has no support
+            return None
+        if with_tools == self.chat_prompt(messages) or "glake_probe_tool" not in with_tools:
+            return None
+        template = self.hf.chat_template
+        text = " ".join(template.values()) if isinstance(template, dict) else str(template)
+        return "hermes" if "<tool_call>" in text else "llama3_json"
 
 
 def detokenize_step(tok: Tokenizer, ids: list[int], prefix_offset: int, read_offset: int,

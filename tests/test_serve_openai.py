@@ -147,6 +147,21 @@ def test_accepted_off_values_and_user(client):
     assert r.usage.completion_tokens == 2
 
 
+def test_tools_on_a_template_without_tool_support_are_refused(api):
+    """SmolLM2's chat template ignores tools: a request with them is a 400 that says so, not a reply
+    from a model that never saw them (tool_choice none and an empty list stay accepted)."""
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    for choice in ("auto", "none", "required"):
+        r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "tools": [tool],
+                                                   "tool_choice": choice, "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert "chat template has no tool support" in error["message"] and error["param"] == "tools", error
+    r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "tools": [],
+                                               "tool_choice": "none", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
 def test_max_tokens_past_the_context_is_refused_with_the_numbers(client):
     prompt = list(range(1000, 1400))  # 400 token ids
     with pytest.raises(openai.BadRequestError) as e:

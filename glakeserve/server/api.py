@@ -22,11 +22,13 @@ from starlette.exceptions import HTTPException
 
 from glakeserve.request import RequestOutput
 from glakeserve.server import protocol as P
+from glakeserve.server import tools as T
 from glakeserve.server.async_engine import AsyncEngine, EngineDeadError
 from glakeserve.server.metrics import prometheus
 from glakeserve.server.middleware import REQUEST_ID, Guard, log_internal_error
 from glakeserve.server.prompts import PromptEncoder
 from glakeserve.server.protocol import ApiError
+from glakeserve.structured import GuidedDecoding
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
     state.close = encoder.close
     vocab = engine.engine.model_config.vocab_size
     tok = engine.engine.tokenizer
+    tool_format = tok.tool_format if tok is not None else None  # how the chat template writes tool calls
     name = config.served_model_name
     started = int(time.time())
 
@@ -116,15 +119,29 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         return engine.generate(ids, params, rid, stream=stream, timeout=config.request_timeout, share_prompt_of=share,
                                index=index)
 
-    async def check_guided(body: dict, params) -> None:
+    async def check_guided(body: dict, params, field: str | None = None) -> None:
         """Compiles the request's grammar off the event loop (cached for the engine): a 400 naming the
-        field when the library cannot compile it."""
+        field (by default the one that gave the grammar) when the library cannot compile it."""
         if params.guided is not None:
             try:
                 await asyncio.to_thread(engine.engine.compile_guided, params.guided)
             except ValueError as e:
-                field = P.guided_field(body)
+                field = field or P.guided_field(body)
                 raise ApiError(400, f"{field}: {e}", param=field) from None
+
+    async def check_tools(tools: T.ToolRequest) -> None:
+        """Each function's parameters must compile as a JSON schema (a call to it can then be forced)."""
+        for i, tool in enumerate(tools.tools):
+            schema = tool["function"].get("parameters")
+            if schema is not None:
+                try:
+                    await asyncio.to_thread(engine.engine.compile_guided, GuidedDecoding.json_schema(schema))
+                except ValueError as e:
+                    raise ApiError(400, f"tools[{i}].function.parameters: {e}", param="tools") from None
+
+    def tool_reply(tools: T.ToolRequest, text: str) -> tuple[str | None, list[dict]]:
+        content, calls = tools.parse(text, tool_format)
+        return content, [c.openai() for c in calls]
 
     def start_sequences(prompts: list[list[int]], params, best_of: int, rid: str, stream: bool) -> list:
         """best_of (>= n) sequences per prompt, prompt-major: sequence j of prompt i has params
@@ -195,10 +212,19 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         body = await read_body(request, P.CHAT_FIELDS, "/v1/chat/completions")
         stream, include_usage = P.stream_flags(body)
         messages = P.chat_messages(body)
-        params = P.sampling_params(body, default_max_tokens=None, vocab_size=vocab, chat=True)
+        tools = T.tool_request(body)
+        if tools is not None and tool_format is None:
+            raise ApiError(400, f"this model's chat template has no tool support (it does not render tools), so "
+                                f"`{name}` cannot take tools; serve a model whose chat template renders them "
+                                f"(Llama 3.1, Qwen 2.5, Hermes) or send the request without tools", param="tools")
+        forced = tools.forced() if tools is not None else None
+        params = P.sampling_params(body, default_max_tokens=None, vocab_size=vocab, chat=True, forced=forced)
         best_of = P.best_of(body, params.n, stream)
-        await check_guided(body, params)
-        ids = await encoder.encode(messages, params, "messages")
+        if tools is not None:
+            await check_tools(tools)
+        await check_guided(body, params, "tool_choice" if forced is not None else None)
+        ids = await encoder.encode(messages, params, "messages", list(tools.tools) if tools is not None else None)
+        parse = tools is not None and tools.choice != "none"  # tool_choice none: the reply is content
         P.check_room(len(ids), params, body, engine.engine.max_model_len)
         rid = P.new_id("chatcmpl")
         gens = start_sequences([ids], params, best_of, rid, stream)
@@ -208,13 +234,15 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
             except _ClientGone:
                 return Response(status_code=499)
             groups, chosen = P.choose(outs, params, best_of)
-            return P.chat_response(rid, name, chosen, P.request_usage(groups, chosen), tok)
+            replies = [tool_reply(tools, o.text) for o in chosen] if parse else None
+            return P.chat_response(rid, name, chosen, P.request_usage(groups, chosen), tok, replies)
 
         async def chunks():
             for i in range(len(gens)):
                 yield sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, index=i))
             fan = _FanIn(gens)
             finals = [None] * len(gens)
+            readers = [T.ToolStream(tools, tool_format) for _ in gens] if parse else None
             try:
                 while (item := await fan.next()) is not None:
                     index, out = item
@@ -223,6 +251,16 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                         continue
                     reason = P.finish_reason(out)
                     finals[index] = out if out.finished else None
+                    if readers is not None:  # content while no call can have begun; calls at the end
+                        content = readers[index].feed(out.delta_text)
+                        delta = {"content": content} if content else {}
+                        if out.finished:
+                            rest, calls = readers[index].finish()
+                            delta, reason = _tool_delta(out, delta, rest, [c.openai() for c in calls])
+                        if delta or reason or out.delta_logprobs:
+                            yield sse(P.chat_chunk(rid, name, delta, reason, P.chat_logprobs(out.delta_logprobs, tok),
+                                                   index))
+                        continue
                     if out.delta_text or reason or out.delta_logprobs:
                         delta = {"content": out.delta_text} if out.delta_text else {}
                         yield sse(P.chat_chunk(rid, name, delta, reason, P.chat_logprobs(out.delta_logprobs, tok),
@@ -353,6 +391,17 @@ class _FanIn:
     def cancel(self) -> None:
         for t in self.tasks:
             t.cancel()
+
+
+def _tool_delta(out: RequestOutput, delta: dict, rest: str, calls: list[dict]) -> tuple[dict, str | None]:
+    """The last delta of a streamed choice whose reply was parsed: the content held back, and its
+    calls whole, each with its index (OpenAI's chunk shape); and its finish_reason."""
+    content = delta.get("content", "") + rest
+    _, reason = P.chat_message(out, (content, calls))
+    delta = {"content": content} if content else {}
+    if calls:
+        delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+    return delta, reason
 
 
 async def _last(gen: AsyncIterator):

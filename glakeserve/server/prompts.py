@@ -14,6 +14,7 @@ served while a long prompt is tokenized. Two bounds keep a huge prompt from cost
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import jinja2
@@ -38,16 +39,17 @@ class PromptEncoder:
         self.max_chars = 2 * longest * self.max_len  # no prompt longer than this can fit max_model_len
 
     async def encode(self, prompt: str | list[int] | list[dict], params: SamplingParams,
-                     param: str) -> list[int]:
-        """Token ids of a completion prompt (text or ids) or of chat messages, validated against
-        the engine (a 400 that says what is wrong), or a 429 while the tokenizer is too busy."""
-        chars = _chars(prompt)
+                     param: str, tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a completion prompt (text or ids) or of chat messages (and the tools their
+        template renders), validated against the engine (a 400 that says what is wrong), or a 429
+        while the tokenizer is too busy."""
+        chars = _chars(prompt) + (len(json.dumps(tools)) if tools else 0)
         if self.queued_chars and self.queued_chars + chars > self.max_queued_chars:
             raise ApiError(429, f"the server is busy: prompts of {self.queued_chars} characters are waiting for the "
                                 f"tokenizer (the limit is {self.max_queued_chars}); retry later", param=param)
         self.queued_chars += chars
         loop = asyncio.get_running_loop()
-        job = self._pool.submit(self._encode, prompt, params)
+        job = self._pool.submit(self._encode, prompt, params, tools)
 
         def release(_):
             try:
@@ -68,12 +70,12 @@ class PromptEncoder:
         self.queued_chars -= chars
 
     # ----- on the tokenizer thread ------------------------------------------------------------
-    def _encode(self, prompt, params: SamplingParams) -> list[int]:
+    def _encode(self, prompt, params: SamplingParams, tools: list[dict] | None) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             if self.tokenizer is None or not self.tokenizer.has_chat_template:
                 raise ValueError("this model has no chat template; use /v1/completions")
             try:
-                text = self.tokenizer.chat_prompt(prompt)
+                text = self.tokenizer.chat_prompt(prompt, tools=tools)
             except jinja2.TemplateError as e:  # a template that refuses these messages (raise_exception)
                 raise ValueError(f"the model's chat template refused these messages: {e}") from None
             ids = self._bounded(text, lambda t: self.tokenizer.encode(t, add_special_tokens=False))
@@ -104,5 +106,5 @@ def _chars(prompt) -> int:
     if isinstance(prompt, str):
         return len(prompt)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-        return sum(len(m["content"]) for m in prompt)
+        return sum(len(m["content"]) + len(json.dumps(m.get("tool_calls", ""))) for m in prompt)
     return len(prompt)  # token ids

@@ -85,8 +85,6 @@ def check_text(text: str, where: str, param: str) -> str:
 # ----- fields -----------------------------------------------------------------------------------
 # Accepted only at their "off" value (anything else is a 400 that says so).
 UNSUPPORTED = {
-    "tools": ("tool calling is not supported", (None, [])),
-    "tool_choice": ("tool calling is not supported", (None, "none")),
     "functions": ("function calling is not supported", (None, [])),
     "function_call": ("function calling is not supported", (None, "none")),
     "suffix": ("suffix is not supported", (None, "")),
@@ -105,8 +103,9 @@ NUMERIC = {
 BOOLEAN = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
 COMMON = {"model", "stream", "stream_options", "max_tokens", "stop", "stop_token_ids", "user", "logit_bias", "best_of",
           *GUIDED_FIELDS,
-          "parallel_tool_calls", *NUMERIC, *BOOLEAN, *UNSUPPORTED}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+          *NUMERIC, *BOOLEAN, *UNSUPPORTED}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
+                        "parallel_tool_calls"}
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions (chat: top_logprobs up to 20)
 INT64 = 2**63
@@ -301,11 +300,17 @@ def echo_flag(body: dict) -> bool:
     return bool(echo)
 
 
-def sampling_params(body: dict, default_max_tokens: int | None, vocab_size: int, chat: bool = False) -> SamplingParams:
+def sampling_params(body: dict, default_max_tokens: int | None, vocab_size: int, chat: bool = False,
+                    forced: GuidedDecoding | None = None) -> SamplingParams:
+    """forced: the constraint of a tool_choice that forces a call (the request may then have no other)."""
     for key, (why, off) in UNSUPPORTED.items():
         if key in body and not any(body[key] == v and type(body[key]) is type(v) for v in off):
             raise ApiError(400, f"{why} by this server (got {key}={short(body[key])})", param=key)
-    kwargs: dict = {"logprobs": logprobs_setting(body, chat), "guided": guided_decoding(body)}
+    guided = guided_decoding(body)
+    if forced is not None and guided is not None:
+        raise ApiError(400, f"tool_choice {short(body['tool_choice'])} forces a tool call, which cannot be combined "
+                            f"with {guided_field(body)}", param="tool_choice")
+    kwargs: dict = {"logprobs": logprobs_setting(body, chat), "guided": forced or guided}
     for key, kind in NUMERIC.items():
         if body.get(key) is not None:
             kwargs[key] = _number(key, body[key], kind)
@@ -396,15 +401,22 @@ def stream_flags(body: dict) -> tuple[bool, bool]:
 
 
 def chat_messages(body: dict) -> list[dict]:
+    """Messages as the chat template takes them: system (or developer), user, assistant (with
+    tool_calls, whose arguments the template gets as objects) and tool (with tool_call_id)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise ApiError(400, f"messages[{i}] needs a role of system, developer, user or assistant",
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
+            raise ApiError(400, f"messages[{i}] needs a role of system, developer, user, assistant or tool",
                            param="messages")
+        calls = m.get("tool_calls")
+        if calls is not None and m["role"] != "assistant":
+            raise ApiError(400, f"messages[{i}]: only assistant messages carry tool_calls", param="messages")
         content = m.get("content")
+        if content is None and calls:  # an assistant turn that only called tools
+            content = ""
         if isinstance(content, list):  # content parts: text ones only
             texts = []
             for part in content:
@@ -417,7 +429,47 @@ def chat_messages(body: dict) -> list[dict]:
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
         check_text(content, f"messages[{i}].content", "messages")
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise ApiError(400, f"messages[{i}]: a tool message needs the tool_call_id (a string) of the call it "
+                                    f"answers, got {short(call_id)}", param="messages")
+            message["tool_call_id"] = check_text(call_id, f"messages[{i}].tool_call_id", "messages")
+            if m.get("name") is not None:
+                if not isinstance(m["name"], str):
+                    raise ApiError(400, f"messages[{i}].name must be a string", param="messages")
+                message["name"] = m["name"]
+        if calls:
+            message["tool_calls"] = _message_tool_calls(calls, f"messages[{i}].tool_calls")
+        out.append(message)
+    return out
+
+
+def _message_tool_calls(calls, where: str) -> list[dict]:
+    """An assistant message's [{id, type: function, function: {name, arguments: JSON text}}] with the
+    arguments parsed (chat templates write them as objects)."""
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{where} must be a list, got {short(calls)}", param="messages")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or call.get("type", "function") != "function" or \
+                not isinstance(call.get("id", ""), str) or not isinstance(function.get("name"), str) or \
+                not isinstance(function.get("arguments"), str):
+            raise ApiError(400, f"{where}[{j}] must be {{\"id\": ..., \"type\": \"function\", \"function\": {{\"name\": "
+                                f"..., \"arguments\": \"<JSON text>\"}}}}, got {short(call)}", param="messages")
+        try:
+            arguments = json.loads(function["arguments"])
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise ApiError(400, f"{where}[{j}].function.arguments must be a JSON object as text, got "
+                                f"{short(function['arguments'])}", param="messages")
+        entry = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if call.get("id"):
+            entry["id"] = call["id"]
+        out.append(entry)
     return out
 
 
@@ -494,15 +546,26 @@ def completion_logprobs(entries: list[TokenLogprob] | None, tok, offset: int) ->
             "text_offset": offsets}
 
 
-def chat_response(rid: str, model: str, outs: list[RequestOutput], usage_: dict, tok=None) -> dict:
-    return {
-        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": out.text},
-                     "logprobs": chat_logprobs(out.logprobs, tok),
-                     "finish_reason": finish_reason(out), "stop_reason": out.stop_reason}
-                    for i, out in enumerate(outs)],
-        "usage": usage_,
-    }
+def chat_message(out: RequestOutput, reply: tuple[str | None, list[dict]] | None) -> tuple[dict, str | None]:
+    """(message, finish_reason) of a choice; reply: its (content, tool_calls) when tools were parsed
+    (finish_reason "tool_calls" when there are calls and the model stopped by itself)."""
+    reason = finish_reason(out)
+    if reply is None or not reply[1]:
+        return {"role": "assistant", "content": out.text if reply is None else reply[0]}, reason
+    return ({"role": "assistant", "content": reply[0], "tool_calls": reply[1]},
+            "tool_calls" if reason == "stop" else reason)
+
+
+def chat_response(rid: str, model: str, outs: list[RequestOutput], usage_: dict, tok=None,
+                  replies: list | None = None) -> dict:
+    """replies: per choice, (content, tool_calls) when the request's tools were parsed."""
+    choices = []
+    for i, out in enumerate(outs):
+        message, reason = chat_message(out, replies[i] if replies else None)
+        choices.append({"index": i, "message": message, "logprobs": chat_logprobs(out.logprobs, tok),
+                        "finish_reason": reason, "stop_reason": out.stop_reason})
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage_}
 
 
 def chat_chunk(rid: str, model: str, delta: dict, reason: str | None, logprobs: dict | None = None,
