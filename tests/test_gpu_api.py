@@ -68,6 +68,8 @@ def test_logit_bias_and_n_sequences_on_gpu(tiny):
 def test_grammar_constrained_outputs_on_gpu(async_scheduling):
     """Random weights (tiny-llama, SmolLM2's tokenizer): whatever the model prefers, the mask must
     leave only outputs of the grammar, finished by EOS once the grammar is complete."""
+    pytest.importorskip("xgrammar", reason="xgrammar is not installed (the GPU image lacks it: scripts/gpu_suite.sh "
+                                           "installs it from .carry/xg)")
     engine = LLM("tiny-llama", load_format="dummy", device="cuda", max_model_len=256, max_num_seqs=8,
                  async_scheduling=async_scheduling, check_integrity=True)
     try:
