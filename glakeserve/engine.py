@@ -320,9 +320,9 @@ class LLMEngine:
         got = self.scheduler.update(step.batch, tokens, logprobs)
         for req in got:  # each grammar moves past its request's token (the next mask depends on it)
             if req.matcher is not None and not req.matcher.accept_token(req.output_token_ids[-1]):
-                req.error = f"the grammar rejected token {req.output_token_ids[-1]}, which its mask allowed"
+                error = f"the grammar rejected token {req.output_token_ids[-1]}, which its mask allowed"
                 if req.status is not RequestStatus.FINISHED:
-                    self.scheduler.finish(req, "abort")
+                    self.scheduler.finish(req, "abort", error=error)
         self.clock.lap("update")
         outputs = self._postprocess(got)
         self.clock.lap("postprocess")

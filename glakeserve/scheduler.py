@@ -164,7 +164,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
+    def finish(self, req: Request, reason: str, stop_reason: str | int | None = None, error: str | None = None) -> None:
         """A request is done, running or (preempted with a token in flight) waiting; a running one's
         slot goes idle keeping its KV for reuse."""
         if req.status is RequestStatus.RUNNING:
@@ -172,7 +172,7 @@ class Scheduler:
             self.kv.release(req)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
-        self._finish(req, reason, stop_reason)
+        self._finish(req, reason, stop_reason, error)
 
     def abort(self, request_id: str) -> Request | None:
         """Drops a request wherever it is; its slot goes idle at once (its pages reclaimable)."""

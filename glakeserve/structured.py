@@ -76,6 +76,7 @@ class GrammarBackend:
                 return self._cache[guided]
         with self._compiling:
             compiled = self._compile(guided)
+        self._check_not_empty(guided, compiled)
         with self._cache_lock:
             self._cache[guided] = compiled
             if len(self._cache) > CACHED_GRAMMARS:
@@ -99,6 +100,15 @@ class GrammarBackend:
             what = {"json": "JSON schema", "regex": "regex", "choice": "choice", "grammar": "EBNF grammar"}[guided.kind]
             raise ValueError(f"the {what} cannot be compiled: "
                              f"{_LOCATION.sub('', str(e)).strip()}") from None
+
+    def _check_not_empty(self, guided: GuidedDecoding, compiled) -> None:
+        """A grammar that allows no first token (`root ::= root`) compiles, but no output can follow
+        it: refused here, before a request is sampled into a token its matcher rejects."""
+        mask = self.xgr.allocate_token_bitmask(1, self.vocab_size)
+        matcher = self.xgr.GrammarMatcher(compiled)
+        matcher.fill_next_token_bitmask(mask)
+        if not bool((mask != 0).any()):
+            raise ValueError(f"the {guided.kind} constraint allows no output at all (no first token matches it)")
 
     def matcher(self, guided: GuidedDecoding):
         """A fresh matcher (xgrammar.GrammarMatcher): accept_token(id) -> bool, fill_next_token_bitmask,

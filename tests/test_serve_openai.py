@@ -397,3 +397,20 @@ def test_json_schema_output_validates_and_vllm_guided_fields(client):
         model=MODEL, messages=[{"role": "user", "content": "Make up an employee."}], max_tokens=200, temperature=0,
         stream=True, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}))
     jsonschema.validate(json.loads(streamed), PERSON)
+
+
+def test_inputs_found_by_review_are_400s_not_500s(api):
+    """Each of these once reached a 500 or (the last) started millions of sequences."""
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = [
+        ("/v1/chat/completions", {**chat, "guided_grammar": "root ::= root"}, "allows no output"),
+        ("/v1/chat/completions", {**chat, "guided_json": "[" * 50000}, "must be a JSON schema"),
+        ("/v1/completions", {"model": MODEL, "prompt": [-1], "echo": True, "max_tokens": 2}, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": [[1, 2, 3]] * 20000, "n": 128, "best_of": 128, "max_tokens": 1},
+         "one request may start at most"),
+    ]
+    for path, body, says in cases:
+        r = api.post(path, json=body)
+        assert r.status_code == 400, (body if len(str(body)) < 200 else path, r.text[:300])
+        assert says in r.json()["error"]["message"], r.text[:300]
+    assert api.post("/v1/chat/completions", json=chat).status_code == 200  # and serving goes on

@@ -30,6 +30,10 @@ from glakeserve.server.prompts import PromptEncoder
 from glakeserve.server.protocol import ApiError
 from glakeserve.structured import GuidedDecoding
 
+# one completions request starts len(prompt) x best_of sequences, each a request in the engine; past
+# this many, one small body could queue millions of them
+MAX_SEQUENCES_PER_REQUEST = 1024
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -156,6 +160,13 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                 gens.append(start(ids, p, f"{rid}-{i}-{j}", stream, f"{rid}-{i}-0" if j else None, j))
         return gens
 
+    def failed_in_engine(outs: list[RequestOutput]) -> None:
+        """A sequence the engine ended with an error (the KV cache cannot hold it; a grammar that
+        rejected a token) is not a finished reply: the client gets the error, not a truncated text."""
+        for out in outs:
+            if out.error:
+                raise ApiError(500, f"the engine could not finish this request: {out.error}")
+
     async def finish_all(request: Request, gens: list) -> list[RequestOutput]:
         """Each request's last output; if the client goes away first, every one is aborted (their
         generators' cleanup) before the engine's next step."""
@@ -233,6 +244,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                 outs = await finish_all(request, gens)
             except _ClientGone:
                 return Response(status_code=499)
+            failed_in_engine(outs)
             groups, chosen = P.choose(outs, params, best_of)
             replies = [tool_reply(tools, o.text) for o in chosen] if parse else None
             return P.chat_response(rid, name, chosen, P.request_usage(groups, chosen), tok, replies)
@@ -285,9 +297,15 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         await check_guided(body, params)
         if echo and any(not isinstance(p, str) for p in prompts) and tok is None:
             raise ApiError(400, "echo of token-id prompts needs a tokenizer, and this model has none", param="echo")
+        if params.logprobs is not None and tok is None:
+            raise ApiError(400, "logprobs name their tokens' text, and this model has no tokenizer", param="logprobs")
+        if len(prompts) * best_of > MAX_SEQUENCES_PER_REQUEST:
+            raise ApiError(400, f"{len(prompts)} prompts x {best_of} sequences each (n / best_of) is "
+                                f"{len(prompts) * best_of} sequences; one request may start at most "
+                                f"{MAX_SEQUENCES_PER_REQUEST}: split it", param="prompt")
+        ids = [await encoder.encode(p, params, "prompt") for p in prompts]  # token ids checked here, before echo decodes them
         echoed = [(p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False)) if echo else ""
                   for p in prompts]
-        ids = [await encoder.encode(p, params, "prompt") for p in prompts]
         for i in ids:
             P.check_room(len(i), params, body, engine.engine.max_model_len)
         rid = P.new_id("cmpl")
@@ -297,6 +315,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                 outs = await finish_all(request, gens)
             except _ClientGone:
                 return Response(status_code=499)
+            failed_in_engine(outs)
             groups, chosen = P.choose(outs, params, best_of)
             texts = [e for e in echoed for _ in range(params.n)]  # choice i * n + j is prompt i's sequence j
             return P.completion_response(rid, name, chosen, texts, P.request_usage(groups, chosen), tok)

@@ -62,6 +62,9 @@ class PromptEncoder:
             return await asyncio.wrap_future(job)
         except ValueError as e:
             raise ApiError(400, str(e), param=param) from None
+        except TypeError as e:  # the tokenizer refuses text it cannot encode (a lone surrogate in a tool schema)
+            raise ApiError(400, f"the prompt cannot be tokenized: {e} (check the strings in messages and tools "
+                                f"for invalid Unicode)", param=param) from None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -276,7 +276,7 @@ def _guided(kind: str, value, where: str, param: str) -> GuidedDecoding:
         if isinstance(value, str):
             try:
                 value = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ApiError(400, f"{where} must be a JSON schema (an object, or its JSON text)", param=param) from None
         if not isinstance(value, dict):
             raise ApiError(400, f"{where} must be a JSON schema object, got {short(value)}", param=param)
@@ -461,7 +461,7 @@ def _message_tool_calls(calls, where: str) -> list[dict]:
                                 f"..., \"arguments\": \"<JSON text>\"}}}}, got {short(call)}", param="messages")
         try:
             arguments = json.loads(function["arguments"])
-        except ValueError:
+        except (ValueError, RecursionError):
             arguments = None
         if not isinstance(arguments, dict):
             raise ApiError(400, f"{where}[{j}].function.arguments must be a JSON object as text, got "
@@ -570,9 +570,7 @@ def chat_response(rid: str, model: str, outs: list[RequestOutput], usage_: dict,
 
 def chat_chunk(rid: str, model: str, delta: dict, reason: str | None, logprobs: dict | None = None,
                index: int = 0) -> dict:
-    choice = {"index": index, "delta": delta, "finish_reason": reason}
-    if logprobs is not None:
-        choice["logprobs"] = logprobs
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}  # (null, as OpenAI sends)
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [choice]}
 
