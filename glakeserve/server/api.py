@@ -160,16 +160,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                 gens.append(start(ids, p, f"{rid}-{i}-{j}", stream, f"{rid}-{i}-0" if j else None, j))
         return gens
 
-    def failed_in_engine(outs: list[RequestOutput]) -> None:
-        """A sequence the engine ended with an error (the KV cache cannot hold it; a grammar that
-        rejected a token) is not a finished reply: the client gets the error, not a truncated text."""
-        for out in outs:
-            if out.error:
-                raise ApiError(500, f"the engine could not finish this request: {out.error}")
-
-    async def finish_all(request: Request, gens: list) -> list[RequestOutput]:
-        """Each request's last output; if the client goes away first, every one is aborted (their
-        generators' cleanup) before the engine's next step."""
+    async def finish_all(request: Request, gens: list, params, best_of: int) -> tuple[list, list[RequestOutput]]:
+        """The sequences' last outputs, grouped by prompt, and the n chosen of each prompt's best_of
+        (P.choose). If the client goes away first, every sequence is aborted (their generators'
+        cleanup) before the engine's next step. A sequence the engine ended with an error (the KV
+        cache cannot hold it; a grammar rejected a token) is a 500 that says so, not a truncated reply."""
         tasks = [asyncio.ensure_future(_last(g)) for g in gens]
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -182,11 +177,15 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                 for t in done:
                     if t.exception() is not None:
                         raise _engine_error(t.exception())
-            return [t.result() for t in tasks]
+            outs = [t.result() for t in tasks]
         finally:
             for t in (*tasks, gone):
                 if not t.done():
                     t.cancel()
+        for out in outs:
+            if out.error:
+                raise ApiError(500, f"the engine could not finish this request: {out.error}")
+        return P.choose(outs, params, best_of)
 
     def sse(payload: dict | str) -> str:
         return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
@@ -241,11 +240,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         gens = start_sequences([ids], params, best_of, rid, stream)
         if not stream:
             try:
-                outs = await finish_all(request, gens)
+                groups, chosen = await finish_all(request, gens, params, best_of)
             except _ClientGone:
                 return Response(status_code=499)
-            failed_in_engine(outs)
-            groups, chosen = P.choose(outs, params, best_of)
             replies = [tool_reply(tools, o.text) for o in chosen] if parse else None
             return P.chat_response(rid, name, chosen, P.request_usage(groups, chosen), tok, replies)
 
@@ -312,11 +309,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         gens = start_sequences(ids, params, best_of, rid, stream)
         if not stream:
             try:
-                outs = await finish_all(request, gens)
+                groups, chosen = await finish_all(request, gens, params, best_of)
             except _ClientGone:
                 return Response(status_code=499)
-            failed_in_engine(outs)
-            groups, chosen = P.choose(outs, params, best_of)
             texts = [e for e in echoed for _ in range(params.n)]  # choice i * n + j is prompt i's sequence j
             return P.completion_response(rid, name, chosen, texts, P.request_usage(groups, chosen), tok)
 
