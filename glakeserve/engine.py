@@ -284,7 +284,7 @@ class LLMEngine:
         self.clock.start()
         outputs = []
         if self._in_flight is not None and self._needs_known_outputs():
-            outputs += self._update(self._in_flight)  # penalties count every output token: read them first
+            outputs += self._update(self._in_flight)  # a grammar's next mask needs the last token: read it first
             self._in_flight = None
         batch = self.scheduler.schedule()
         self.clock.lap("schedule")
@@ -310,10 +310,10 @@ class LLMEngine:
         return outputs
 
     def _needs_known_outputs(self) -> bool:
-        """Penalties count a request's output tokens on the host, and a grammar's mask depends on the
-        last token: with such a request running, the step in flight is read before the next is
-        scheduled (that step is not overlapped)."""
-        return any(r.params.uses_penalties or r.matcher is not None for r in self.scheduler.running)
+        """A grammar's mask depends on the last token, which the host must feed to its matcher: with
+        such a request running, the step in flight is read before the next is scheduled (that step
+        is not overlapped). Penalties need no such wait: their counts are updated on the device."""
+        return any(r.matcher is not None for r in self.scheduler.running)
 
     def _update(self, step: LaunchedStep) -> list[RequestOutput]:
         tokens, logprobs = self.runner.read(step)

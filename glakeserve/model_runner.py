@@ -17,6 +17,7 @@ import torch
 from glakeserve.attention.base import AttentionBackend, AttentionMetadata
 from glakeserve.kv import KVCache
 from glakeserve.model.llama import LlamaModel
+from glakeserve.penalties import PenaltyCounts
 from glakeserve.profiling import DeviceTimeline, PhaseClock
 from glakeserve.request import TokenLogprob
 from glakeserve.sampling import Sampled, SamplingBatch, sample_with_logprobs
@@ -157,6 +158,7 @@ class ModelRunner:
         self.staging = [HostStaging(self.device), HostStaging(self.device)]
         self._turn = 0
         self.last_token = torch.zeros(kv.num_slots, dtype=torch.int64, device=self.device)  # per slot
+        self.penalties: PenaltyCounts | None = None  # made when a request first uses penalties
         self.graphs = None
         if self.device.type == "cuda" and kv.block_table is None:
             attn.warm_up(kv.k_cache(0), kv.v_cache(0), model.cfg.num_heads, kv.padding_slot())
@@ -196,8 +198,13 @@ class ModelRunner:
         if batch.samplers:
             rows = hidden if len(last_index) == hidden.shape[0] else hidden[staging.put(last_index, torch.int64)]
             logits = self.model.logits(rows)
-            result = sample_with_logprobs(logits, self.sampling_batch(batch), to_device=staging.put)
+            sampling = self.sampling_batch(batch, logits.shape[1], staging.put)
+            result = sample_with_logprobs(logits, sampling, to_device=staging.put)
             out = result.tokens
+            if sampling.penalties is not None:
+                rows = sampling.penalties.rows
+                self.penalties.add_sampled([batch.samplers[i] for i in rows], out[staging.put(rows, torch.int64)],
+                                           staging.put)
             self.last_token.index_copy_(0, staging.put([r.slot.index for r in batch.samplers], torch.int64), out)
             if staging.cuda:
                 sampled = staging.result[:out.numel()]
@@ -234,7 +241,7 @@ class ModelRunner:
                 logprobs[row] = TokenLogprob(tokens[row], vals[0], list(zip(ids[:k], vals[1:k + 1])))
         return tokens, logprobs
 
-    def sampling_batch(self, batch: ScheduledBatch) -> SamplingBatch:
+    def sampling_batch(self, batch: ScheduledBatch, vocab: int, to_device) -> SamplingBatch:
         reqs = batch.samplers
         banned = []
         for r, step in zip(reqs, batch.sample_steps):
@@ -250,12 +257,17 @@ class ModelRunner:
             for j, i in enumerate(mask_rows):
                 reqs[i].matcher.fill_next_token_bitmask(host, j)
             bitmask = host.to(self.device, non_blocking=True)
+        penalties = None
+        penalty_rows = [i for i, r in enumerate(reqs) if r.params.uses_penalties]
+        if penalty_rows:
+            if self.penalties is None:
+                self.penalties = PenaltyCounts(vocab, self.device)
+            penalties = self.penalties.rows_for(penalty_rows, [reqs[i] for i in penalty_rows], to_device)
         return SamplingBatch(
             params=[r.params for r in reqs],
             seeds=[r.seed for r in reqs],
             steps=list(batch.sample_steps),
-            output_ids=[r.output_token_ids for r in reqs],
-            prompt_ids=[r.prompt_token_ids for r in reqs],
+            penalties=penalties,
             banned=banned,
             mask_rows=mask_rows,
             token_bitmask=bitmask,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from glakeserve.penalties import PenaltyRows
 from glakeserve.structured import GuidedDecoding
 
 
@@ -169,29 +170,10 @@ class SamplingBatch:
     params: list[SamplingParams]
     seeds: list[int]
     steps: list[int]  # output tokens before this one = the step's counter
-    output_ids: list[list[int]]
-    prompt_ids: list[list[int]]
+    penalties: PenaltyRows | None = None  # the rows whose request uses penalties, with their token counts
     banned: list[list[int]] = field(default_factory=list)  # token ids to forbid now (min_tokens)
     mask_rows: list[int] = field(default_factory=list)  # rows constrained by a grammar
     token_bitmask: torch.Tensor | None = None  # [len(mask_rows), ceil(vocab / 32)] int32 on the device: allowed tokens
-
-
-def _apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> None:
-    V = logits.shape[1]
-    dev = logits.device
-    for i, p in enumerate(b.params):
-        if not p.uses_penalties:
-            continue
-        out = torch.tensor(b.output_ids[i], dtype=torch.int64, device=dev)
-        counts = torch.zeros(V, device=dev).index_add_(0, out, torch.ones(len(out), device=dev))
-        if p.repetition_penalty != 1.0:
-            seen = counts > 0
-            if b.prompt_ids[i]:
-                seen[torch.tensor(b.prompt_ids[i], dtype=torch.int64, device=dev)] = True
-            row = logits[i]
-            penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-            logits[i] = torch.where(seen, penalized, row)
-        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
 
 
 def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams], to_device) -> None:
@@ -288,12 +270,12 @@ def sample_with_logprobs(logits: torch.Tensor, b: SamplingBatch, to_device=None)
 def _process(logits: torch.Tensor, b: SamplingBatch, to_device) -> torch.Tensor:
     """Logit bias, penalties, bans and grammar masks, on a copy (the logits of a batch without them are returned as
     they are)."""
-    if any(p.uses_penalties or p.logit_bias for p in b.params) or any(b.banned) or b.mask_rows:
+    if any(p.logit_bias for p in b.params) or (b.penalties and b.penalties.rows) or any(b.banned) or b.mask_rows:
         logits = logits.clone()
         if any(p.logit_bias for p in b.params):
             _apply_logit_bias(logits, b.params, to_device)
-        if any(p.uses_penalties for p in b.params):
-            _apply_penalties(logits, b)
+        if b.penalties is not None and b.penalties.rows:
+            b.penalties.apply(logits, b.params, to_device)
         for i, banned in enumerate(b.banned):
             if banned:
                 logits[i, banned] = float("-inf")

@@ -7,7 +7,7 @@ each constrained request's matcher for the tokens allowed next as a bitmask (32 
 of word w = token 32w + j), copies the masks to the device without waiting, and the sampler sets
 the logits of every other token to -inf on the device (sampling.py). The mask of step N+1 needs the
 token of step N, so with a constrained request running the engine reads the step in flight before
-it schedules the next one (as it does for penalties)."""
+it schedules the next one (penalties need no such wait: their counts live on the device)."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from glakeserve.penalties import PenaltyRows
 from glakeserve.sampling import SamplingBatch, SamplingParams, bits_to_uniform, sample, uniform_noise
 
 # ----- validation: every rule, its message naming the field, the value and the range --------------
@@ -41,9 +42,11 @@ def test_validation_messages(kwargs, message):
 # ----- the sampler against references ---------------------------------------------------------
 def batch(params, vocab, outputs=None, prompts=None, steps=None):
     n = len(params)
+    rows = [i for i, p in enumerate(params) if p.uses_penalties]
+    penalties = PenaltyRows.from_lists(rows, [(outputs or [[]] * n)[i] for i in rows],
+                                       [(prompts or [[]] * n)[i] for i in rows], vocab) if rows else None
     return SamplingBatch(params=params, seeds=[random.getrandbits(40) for _ in range(n)],
-                         steps=steps or [0] * n, output_ids=outputs or [[] for _ in range(n)],
-                         prompt_ids=prompts or [[] for _ in range(n)], banned=[[] for _ in range(n)])
+                         steps=steps or [0] * n, penalties=penalties, banned=[[] for _ in range(n)])
 
 
 def test_noise_is_a_pure_function_and_uniform():
@@ -64,8 +67,7 @@ def test_noise_stays_inside_the_open_interval_and_cut_tokens_never_win():
     # must still lose, on the torch path and the Triton one
     logits = torch.full((1, 1000), float("-inf"))
     logits[0, [5, 500, 999]] = 0.0
-    b = SamplingBatch(params=[SamplingParams(temperature=1.0)], seeds=[4265], steps=[0], output_ids=[[]],
-                      prompt_ids=[[]])
+    b = SamplingBatch(params=[SamplingParams(temperature=1.0)], seeds=[4265], steps=[0])
     assert int(sample(logits, b)[0]) in (5, 500, 999)
     from glakeserve.sampling_kernel import gumbel_argmax
 
@@ -77,7 +79,7 @@ def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().repeat(4000, 1)
     b = SamplingBatch(params=[SamplingParams(temperature=1.0)] * 4000, seeds=[random.getrandbits(40)] * 4000,
-                      steps=list(range(4000)), output_ids=[[]] * 4000, prompt_ids=[[]] * 4000)
+                      steps=list(range(4000)))
     freq = torch.bincount(sample(logits, b), minlength=4).float() / 4000
     # four-sigma bounds of a binomial proportion
     assert torch.all((freq - probs).abs() < 4 * torch.sqrt(probs * (1 - probs) / 4000)), freq
@@ -91,8 +93,7 @@ def test_chi_square_on_a_small_vocabulary_at_several_temperatures():
     for temp in (0.5, 1.0, 1.7):
         n = 6000
         b = SamplingBatch(params=[SamplingParams(temperature=temp)] * n,
-                          seeds=[random.getrandbits(62) for _ in range(n)], steps=[random.randrange(1000)] * n,
-                          output_ids=[[]] * n, prompt_ids=[[]] * n)
+                          seeds=[random.getrandbits(62) for _ in range(n)], steps=[random.randrange(1000)] * n)
         counts = torch.bincount(sample(logits.repeat(n, 1), b), minlength=12).double()
         expected = (logits / temp).softmax(-1).double() * n
         chi2 = float(((counts - expected) ** 2 / expected).sum())
@@ -106,8 +107,7 @@ def test_a_row_samples_the_same_token_whatever_its_batch():
     b = batch(params, 300, steps=[random.randrange(50) for _ in range(6)])
     together = sample(logits, b).tolist()
     for i in range(6):
-        alone = SamplingBatch(params=[params[i]], seeds=[b.seeds[i]], steps=[b.steps[i]], output_ids=[[]],
-                              prompt_ids=[[]], banned=[[]])
+        alone = SamplingBatch(params=[params[i]], seeds=[b.seeds[i]], steps=[b.steps[i]], banned=[[]])
         assert sample(logits[i:i + 1], alone).tolist() == [together[i]]
 
 
