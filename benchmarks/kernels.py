@@ -82,7 +82,7 @@ def paged_caches(cfg, batch, ctx):
     return (k, v, table, torch.arange(batch, device="cuda")), None
 
 
-def decode_point(cfg, layout, batch, ctx, splits_for) -> dict | None:
+def decode_point(cfg, layout, batch, ctx, splits_for, block_n: int = 64) -> dict | None:
     kv_bytes = batch * ctx * 2 * cfg.num_kv_heads * cfg.head_dim * 2  # K and V of one layer, bf16
     alloc = batch * ctx * (2 * cfg.num_kv_heads * cfg.head_dim * 2 if layout == "per-layer"
                            else cfg.kv_bytes_per_token * 2)
@@ -95,12 +95,13 @@ def decode_point(cfg, layout, batch, ctx, splits_for) -> dict | None:
     splits = splits_for(batch)
     scratch = ops.decode_scratch(batch, cfg.num_heads, cfg.head_dim, splits, "cuda")
     out = torch.empty_like(q)
-    t = bench(lambda: ops.decode_attention(q, k, v, slots, lens, splits, out=out, scratch=scratch, block_table=table))
+    t = bench(lambda: ops.decode_attention(q, k, v, slots, lens, splits, out=out, scratch=scratch, block_table=table,
+                                           block_n=block_n))
     if owner is not None:
         owner.close()
     del k, v, table
     torch.cuda.empty_cache()
-    return {"layout": layout, "batch": batch, "context": ctx, "splits": splits, "us": t * 1e6,
+    return {"layout": layout, "batch": batch, "context": ctx, "splits": splits, "block_n": block_n, "us": t * 1e6,
             "GBps": kv_bytes / t / 1e9}
 
 
@@ -138,12 +139,39 @@ def prefill_point(batch, heads, kv_heads, seq, dim=128, sweep=False) -> dict:
             "all_configs_TFLOPs": {str(c): flops / t / 1e12 for c, t in times.items()}}
 
 
+def decode_sweep(sms: int) -> list[dict]:
+    """Small batches are latency-bound: a token-major tile of 64 keys spans four 2 MiB pages (a
+    layer's tokens lie 128 KiB apart). Shorter tiles and more splits put more loads in flight."""
+    cfg = HEADS["llama-3-8b"]
+    rows = []
+    for b, ctx in ((1, 256), (1, 1024), (1, 4096), (4, 1024), (16, 1024), (16, 4096), (64, 1024)):
+        base = max(1, min(16, -(-2 * sms // (b * cfg.num_kv_heads))))
+        (k, v, _, slots), owner = vtensor_caches(cfg, "token-major", b, ctx)
+        q = torch.randn(b, cfg.num_heads, cfg.head_dim, dtype=torch.bfloat16, device="cuda")
+        lens = torch.full((b,), ctx, device="cuda")
+        out = torch.empty_like(q)
+        for block_n, splits in ((64, base), (32, base), (16, base), (16, 2 * base), (32, 2 * base)):
+            scratch = ops.decode_scratch(b, cfg.num_heads, cfg.head_dim, splits, "cuda")
+            t = bench(lambda: ops.decode_attention(q, k, v, slots, lens, splits, out=out, scratch=scratch,
+                                                   block_n=block_n))
+            gbps = b * ctx * 2 * cfg.num_kv_heads * cfg.head_dim * 2 / t / 1e9
+            rows.append({"batch": b, "context": ctx, "block_n": block_n, "splits": splits, "us": t * 1e6,
+                         "GBps": gbps})
+            print(f"decode-sweep B={b:<3d} ctx={ctx:<5d} block_n={block_n:<3d} splits={splits:<3d} "
+                  f"{t * 1e6:7.1f} us {gbps:6.0f} GB/s", flush=True)
+        owner.close()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="only the headline points")
     ap.add_argument("--prefill-only", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="try several prefill tile configurations")
+    ap.add_argument("--decode-sweep", action="store_true",
+                    help="token-major decode, llama-3-8b heads: key tile height and split count at small batches")
     args = ap.parse_args()
     random.seed(0)
     torch.manual_seed(0)
@@ -168,6 +196,8 @@ def main() -> None:
                     print(f"decode {name:10s} {layout:11s} B={b:<3d} ctx={ctx:<5d} {r['us']:8.1f} us "
                           f"{r['GBps']:7.0f} GB/s ({100 * r['of_copy']:.0f}% of copy)", flush=True)
         result["decode"][name] = rows
+    if args.decode_sweep:
+        result["decode_sweep"] = decode_sweep(sms)
     for b, h, kvh, s in [(8, 32, 32, 2048), (8, 32, 8, 2048), (2, 32, 8, 8192)]:
         r = prefill_point(b, h, kvh, s, sweep=args.sweep)
         result["prefill"].append(r)
