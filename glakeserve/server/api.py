@@ -133,15 +133,30 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                 field = field or P.guided_field(body)
                 raise ApiError(400, f"{field}: {e}", param=field) from None
 
-    async def check_tools(tools: T.ToolRequest) -> None:
-        """Each function's parameters must compile as a JSON schema (a call to it can then be forced)."""
-        for i, tool in enumerate(tools.tools):
-            schema = tool["function"].get("parameters")
-            if schema is not None:
-                try:
-                    await asyncio.to_thread(engine.engine.compile_guided, GuidedDecoding.json_schema(schema))
-                except ValueError as e:
-                    raise ApiError(400, f"tools[{i}].function.parameters: {e}", param="tools") from None
+    async def check_forced(tools: T.ToolRequest, forced: GuidedDecoding) -> None:
+        """Compiles the grammar of a forced call (tool_choice required or named), which the engine then
+        finds cached; a 400 naming the tool whose parameters cannot be compiled. Under auto and none
+        nothing is compiled: each tool set would take grammars into the engine's cache of 64 and push
+        out ones compiled for requests not yet added, which the engine thread would then compile again
+        holding its lock (every request waits); tool_request checked the schemas against the
+        meta-schema instead."""
+        try:
+            await asyncio.to_thread(engine.engine.compile_guided, forced)
+        except ValueError as e:
+            names = list(tools.schemas)
+            i = names.index(tools.name) if tools.choice == "function" else await failing_tool(tools)
+            if i is None:  # each compiles alone: say what the whole one said
+                raise ApiError(400, f"tool_choice: {e}", param="tool_choice") from None
+            raise ApiError(400, f"tools[{i}].function.parameters: {e}", param="tools") from None
+
+    async def failing_tool(tools: T.ToolRequest) -> int | None:
+        """The index of the first tool whose parameters alone cannot be compiled."""
+        for i, schema in enumerate(tools.schemas.values()):
+            try:
+                await asyncio.to_thread(engine.engine.compile_guided, GuidedDecoding.json_schema(schema))
+            except ValueError:
+                return i
+        return None
 
     def tool_reply(tools: T.ToolRequest, text: str) -> tuple[str | None, list[dict]]:
         content, calls = tools.parse(text, tool_format)
@@ -230,9 +245,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         forced = tools.forced() if tools is not None else None
         params = P.sampling_params(body, default_max_tokens=None, vocab_size=vocab, chat=True, forced=forced)
         best_of = P.best_of(body, params.n, stream)
-        if tools is not None:
-            await check_tools(tools)
-        await check_guided(body, params, "tool_choice" if forced is not None else None)
+        if forced is not None:
+            await check_forced(tools, forced)
+        else:
+            await check_guided(body, params)
         ids = await encoder.encode(messages, params, "messages", list(tools.tools) if tools is not None else None)
         parse = tools is not None and tools.choice != "none"  # tool_choice none: the reply is content
         P.check_room(len(ids), params, body, engine.engine.max_model_len)

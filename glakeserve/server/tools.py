@@ -21,6 +21,11 @@ from dataclasses import dataclass
 from glakeserve.server.protocol import ApiError, check_text, short
 from glakeserve.structured import GuidedDecoding
 
+try:  # the meta-schema check of tool parameters (requirements.txt); without it the shape check alone runs
+    from jsonschema import Draft202012Validator, SchemaError
+except ImportError:
+    Draft202012Validator = None
+
 TOOL_FORMATS = ("hermes", "llama3_json")
 CHOICES = ("none", "auto", "required")
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
@@ -255,7 +260,11 @@ def _tool(tool, i: int) -> dict:
                        param="tools")
     parameters = function.get("parameters")
     if parameters is not None:
-        check_schema(parameters, f"{where}.function.parameters")
+        try:
+            check_schema(parameters, f"{where}.function.parameters")
+            check_meta_schema(parameters, f"{where}.function.parameters")
+        except RecursionError:
+            raise ApiError(400, f"{where}.function.parameters is nested too deeply to read", param="tools") from None
         if parameters.get("type", "object") != "object":
             raise ApiError(400, f"{where}.function.parameters must be a schema of type object (the arguments), "
                                 f"got type {short(parameters['type'])}", param="tools")
@@ -264,8 +273,8 @@ def _tool(tool, i: int) -> dict:
 
 
 def check_schema(schema, where: str) -> None:
-    """The shape of a JSON schema's keywords that name types and sub-schemas (whether the rest can be
-    compiled is checked by the grammar library)."""
+    """The shape of a JSON schema's keywords that name types and sub-schemas, with messages that say
+    where (the meta-schema check follows; whether it compiles is checked when a call is forced)."""
     if not isinstance(schema, dict):
         raise ApiError(400, f"{where} must be a JSON schema object, got {short(schema)}", param="tools")
     kind = schema.get("type")
@@ -297,3 +306,16 @@ def check_schema(schema, where: str) -> None:
                                param="tools")
             for j, sub in enumerate(schema[key]):
                 check_schema(sub, f"{where}.{key}[{j}]")
+
+
+def check_meta_schema(schema: dict, where: str) -> None:
+    """The schema against JSON Schema's meta-schema (draft 2020-12), formats included (a pattern must
+    be a regex): milliseconds, where compiling it into a grammar can take seconds. Only a forced call
+    compiles its tools' schemas (api.py); under tool_choice auto or none this is all the check."""
+    if Draft202012Validator is None:
+        return
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        message = e.message if len(e.message) <= 200 else e.message[:200] + "..."  # it quotes the client's value
+        raise ApiError(400, f"{where}{e.json_path.removeprefix('$')}: {message}", param="tools") from None
