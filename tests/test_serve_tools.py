@@ -92,6 +92,12 @@ def test_hermes_parser():
         "Let me check.", [("get_weather", {"city": "Paris"}), ("get_time", {})])
     unclosed = '<tool_call>{"name": "get_time", "arguments": "{\\"tz\\": \\"UTC\\"}"}'  # arguments as JSON text
     assert calls(parse_tool_calls(unclosed, "hermes", NAMES)) == (None, [("get_time", {"tz": "UTC"})])
+    other = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    for text, content in [(one + "\nI asked for the weather.\n", "I asked for the weather."),  # text after the last call
+                          ("Checking.\n" + one + "\nThen the time:\n" + other + " Done.",
+                           "Checking.\nThen the time:\n Done."),
+                          ("  " + one + "\n" + other + "\n", None)]:
+        assert parse_tool_calls(text, "hermes", NAMES)[0] == content, text
     for plain in ("The weather is fine.", '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>',
                   '<tool_call>{"name": "launch", "arguments": {}}</tool_call>',  # not one of the tools
                   '<tool_call>["get_time"]</tool_call>', '<tool_call>{"name": ["get_time"], "arguments": {}}</tool_call>',
@@ -134,6 +140,7 @@ STREAMED = [  # (format, reply, content that may go out before the end)
     ("hermes", 'Use a <tool> or <tool_call>{"name": "get_time", "arguments": {}}</tool_call>', "Use a <tool> or"),
     ("hermes", "No call here, only <tool_ text.", "No call here, only <tool_ text."),
     ("hermes", '<tool_call>{"name": "nope", "arguments": {}}</tool_call>', ""),
+    ("hermes", 'Now.\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\nAsked.', "Now."),
     ("llama3_json", '  {"name": "get_time", "parameters": {}}', ""),
     ("llama3_json", "Plain {text}", "Plain {text}"),
     ("llama3_json", '<|python_tag|>{"name": "get_time", "parameters": {}}', ""),
@@ -287,6 +294,17 @@ def test_streamed_tool_call_comes_in_one_delta(client):
     assert call.index == 0
     check_call(call, "get_weather")
     assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_text_after_the_last_hermes_call_is_content(client):
+    said = ('Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Rome", "metric": true}}</tool_call>'
+            '\nI asked for the weather in Rome.')
+    ask = dict(model="tiny-tools", messages=MESSAGES, tools=TOOLS, max_tokens=80, extra_body={"guided_choice": [said]})
+    message = client.chat.completions.create(**ask).choices[0].message
+    assert message.content == "Checking.\nI asked for the weather in Rome." and len(message.tool_calls) == 1
+    deltas = [c.choices[0].delta for c in client.chat.completions.create(**ask, stream=True)]
+    assert "".join(d.content or "" for d in deltas) == message.content
+    assert [d.tool_calls[0].function.name for d in deltas if d.tool_calls] == ["get_weather"]
 
 
 def test_streamed_auto_reply_sends_content_first_then_the_call(client):

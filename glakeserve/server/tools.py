@@ -109,21 +109,11 @@ def _call(value, names) -> ToolCall | None:
 
 
 def parse_tool_calls(text: str, fmt: str, names) -> tuple[str | None, list[ToolCall]] | None:
-    """The calls in a freely generated reply, and the content before them (None when there is none);
-    None when the text is not (or not entirely) calls to the named tools."""
+    """The calls in a freely generated reply, and its content (None when there is none): Hermes, the
+    text around the call blocks; Llama 3.1, none. None when the text holds no calls, or (Llama 3.1: is
+    not entirely) calls to the named tools."""
     if fmt == "hermes":
-        start = text.find("<tool_call>")
-        if start < 0:
-            return None
-        calls = []
-        for body in HERMES_CALL.findall(text, start):
-            try:
-                calls.append(_call(json.loads(body), names))
-            except ValueError:
-                return None
-        if not calls or None in calls:
-            return None
-        return text[:start].rstrip() or None, calls
+        return _hermes_calls(text, names)
     if fmt != "llama3_json":
         raise ValueError(f"unknown tool-call format {fmt!r}; expected one of {', '.join(TOOL_FORMATS)}")
     rest = text.strip().removeprefix(PYTHON_TAG).lstrip()
@@ -140,11 +130,34 @@ def parse_tool_calls(text: str, fmt: str, names) -> tuple[str | None, list[ToolC
     return None if None in calls else (None, calls)
 
 
+def _hermes_calls(text: str, names) -> tuple[str | None, list[ToolCall]] | None:
+    """Each <tool_call> block a call; the text before, between and after them is the content, with
+    the space next to the blocks trimmed where the content starts and ends (the text before the first
+    may have streamed out already, so only its end is trimmed)."""
+    start = text.find("<tool_call>")
+    if start < 0:
+        return None
+    calls, outside, pos = [], [text[:start].rstrip()], start
+    for block in HERMES_CALL.finditer(text, start):
+        outside.append(text[pos:block.start()])
+        try:
+            calls.append(_call(json.loads(block.group(1)), names))
+        except ValueError:
+            return None
+        pos = block.end()
+    if not calls or None in calls:
+        return None
+    content = "".join(outside) + text[pos:]
+    content = (content if outside[0] else content.lstrip()).rstrip()
+    return content or None, calls
+
+
 class ToolStream:
     """One streamed choice of a request whose reply is parsed: its text goes out as content while
     no call can have begun (Hermes: before `<tool_call>`; Llama 3.1: a reply that does not open with
-    `{`); from where a call may begin it is held back, and read whole at the end (finish()). A forced
-    call (tool_choice required or named) is held back from the start."""
+    `{`); from where a call may begin it is held back, and read whole at the end (finish(): the calls,
+    and the content after the first, such as Hermes text after the last block). A forced call
+    (tool_choice required or named) is held back from the start."""
 
     def __init__(self, tools: ToolRequest, fmt: str):
         self.tools, self.fmt = tools, fmt
