@@ -3,8 +3,9 @@
 
 A request goes: Guard (key, refusals, size) -> body (JSON, checked fields) -> the tokenizer thread
 -> the engine thread. A request ends when it finishes, when its client goes away (aborted before
-the next step, streaming or not), when its deadline passes (finish_reason "timeout"), or when the
-server shuts down (finish_reason "shutdown")."""
+the next step, streaming or not), when its deadline passes (finish_reason "timeout"), when the
+server shuts down (finish_reason "shutdown"), or when the engine fails it (a 500, or in a stream an
+error event before [DONE])."""
 
 from __future__ import annotations
 
@@ -199,16 +200,21 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                     t.cancel()
         for out in outs:
             if out.error:
-                raise ApiError(500, f"the engine could not finish this request: {out.error}")
+                raise _failed(out)
         return P.choose(outs, params, best_of)
 
     def sse(payload: dict | str) -> str:
         return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
-    def stream_error(rid: str, e: Exception) -> str:
-        if isinstance(e, (EngineDeadError, ValueError)):
-            return sse(_engine_error(e).body())
-        log_internal_error(rid, "streaming", e)
+    def stream_error(rid: str, failed: Exception | RequestOutput) -> str:
+        """The event that ends a stream which cannot go on (its sequence failed, or the engine refused
+        or lost it). As vLLM: `data: {"error": {...}}`, then only `data: [DONE]`, no finish_reason nor
+        usage; the request's other sequences are aborted, as its reply is lost anyway."""
+        if isinstance(failed, RequestOutput):
+            return sse(_failed(failed).body())
+        if isinstance(failed, (EngineDeadError, ValueError)):
+            return sse(_engine_error(failed).body())
+        log_internal_error(rid, "streaming", failed)
         return sse(ApiError(500, f"internal server error (request {rid}); the server log has the details").body())
 
     # ----- endpoints ------------------------------------------------------------------------
@@ -271,9 +277,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
             try:
                 while (item := await fan.next()) is not None:
                     index, out = item
-                    if isinstance(out, Exception):  # the client gets an error event and the stream's end
+                    if isinstance(out, Exception) or out.error:
                         yield stream_error(request.scope[REQUEST_ID], out)
-                        continue
+                        break
                     reason = P.finish_reason(out)
                     finals[index] = out if out.finished else None
                     if readers is not None:  # content while no call can have begun; calls at the end
@@ -339,9 +345,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
             try:
                 while (item := await fan.next()) is not None:
                     index, out = item
-                    if isinstance(out, Exception):
+                    if isinstance(out, Exception) or out.error:
                         yield stream_error(request.scope[REQUEST_ID], out)
-                        continue
+                        break
                     finals[index] = out if out.finished else None
                     if out.delta_text or out.finished or out.delta_logprobs or unsent[index]:
                         logprobs = P.completion_logprobs(out.delta_logprobs, tok, offsets[index])
@@ -445,6 +451,12 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client hangs up (call it once the body has been read)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _failed(out: RequestOutput) -> ApiError:
+    """A sequence the engine ended with an error (the KV cache cannot hold it; a grammar rejected a
+    token): a 500 that says why, not a reply cut short with finish_reason "stop"."""
+    return ApiError(500, f"the engine could not finish this request: {out.error}")
 
 
 def _engine_error(e: BaseException) -> ApiError:
