@@ -371,7 +371,8 @@ def test_an_engine_error_mid_stream_ends_that_stream_with_an_error_event(in_proc
     common = {"max_tokens": 30, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     chat = {**common, "messages": [{"role": "user", "content": "Count to ten"}]}
     text = {**common, "prompt": "Once upon a time"}
-    responses = in_process.post(("/v1/chat/completions", {**chat, "seed": 13}), ("/v1/chat/completions", {**chat, "seed": 1}),
+    responses = in_process.post(("/v1/chat/completions", {**chat, "seed": 13}),
+                                ("/v1/chat/completions", {**chat, "seed": 1}),
                                 ("/v1/completions", {**text, "seed": 13}), ("/v1/completions", {**text, "seed": 1}),
                                 ("/v1/completions", {**text, "seed": 13, "stream": False, "stream_options": None}))
     assert [r.status_code for r in responses] == [200] * 4 + [500]

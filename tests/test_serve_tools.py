@@ -93,7 +93,7 @@ def test_hermes_parser():
     unclosed = '<tool_call>{"name": "get_time", "arguments": "{\\"tz\\": \\"UTC\\"}"}'  # arguments as JSON text
     assert calls(parse_tool_calls(unclosed, "hermes", NAMES)) == (None, [("get_time", {"tz": "UTC"})])
     other = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
-    for text, content in [(one + "\nI asked for the weather.\n", "I asked for the weather."),  # text after the last call
+    for text, content in [(one + "\nI asked for the weather.\n", "I asked for the weather."),  # after the last call
                           ("Checking.\n" + one + "\nThen the time:\n" + other + " Done.",
                            "Checking.\nThen the time:\n Done."),
                           ("  " + one + "\n" + other + "\n", None)]:
@@ -215,7 +215,8 @@ def hermes_model(tmp_path_factory, smollm2_dir):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, hermes_model):
     s = Server(["--model", str(hermes_model), "--max-model-len", "512", "--max-num-seqs", "8", "--kv-cache-memory",
-                "32MiB", "--served-model-name", "tiny-tools"], tmp_path_factory.mktemp("serve") / "server.log").wait_ready()
+                "32MiB", "--served-model-name", "tiny-tools"], tmp_path_factory.mktemp("serve") / "server.log")
+    s.wait_ready()
     yield s
     assert s.stop() == 0, s.log()
 

@@ -268,9 +268,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
             replies = [tool_reply(tools, o.text) for o in chosen] if parse else None
             return P.chat_response(rid, name, chosen, P.request_usage(groups, chosen), tok, replies)
 
+        head = P.StreamHead(rid, "chat.completion.chunk", name, include_usage)
+
         async def chunks():
             for i in range(len(gens)):
-                yield sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, index=i))
+                yield sse(P.chat_chunk(head, P.FIRST_DELTA, None, index=i))
             fan = _FanIn(gens)
             finals = [None] * len(gens)
             readers = [T.ToolStream(tools, tool_format) for _ in gens] if parse else None
@@ -289,18 +291,16 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                             rest, calls = readers[index].finish()
                             delta, reason = _tool_delta(out, delta, rest, [c.openai() for c in calls])
                         if delta or reason or out.delta_logprobs:
-                            yield sse(P.chat_chunk(rid, name, delta, reason, P.chat_logprobs(out.delta_logprobs, tok),
-                                                   index))
+                            logprobs = P.chat_logprobs(out.delta_logprobs, tok)
+                            yield sse(P.chat_chunk(head, delta, reason, logprobs, index))
                         continue
                     if out.delta_text or reason or out.delta_logprobs:
                         delta = {"content": out.delta_text} if out.delta_text else {}
-                        yield sse(P.chat_chunk(rid, name, delta, reason, P.chat_logprobs(out.delta_logprobs, tok),
-                                               index))
+                        yield sse(P.chat_chunk(head, delta, reason, P.chat_logprobs(out.delta_logprobs, tok), index))
             finally:  # the client went away (or a bug): no await here, the task is being cancelled
                 fan.cancel()
             if include_usage and all(finals):
-                yield sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
-                           "choices": [], "usage": P.request_usage([finals], finals)})
+                yield sse(head.usage_chunk(P.request_usage([finals], finals)))
             yield sse("[DONE]")
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
@@ -337,6 +337,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
             texts = [e for e in echoed for _ in range(params.n)]  # choice i * n + j is prompt i's sequence j
             return P.completion_response(rid, name, chosen, texts, P.request_usage(groups, chosen), tok)
 
+        head = P.StreamHead(rid, "text_completion", name, include_usage)
+
         async def chunks():
             fan = _FanIn(gens)
             finals = [None] * len(gens)
@@ -353,15 +355,14 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                         logprobs = P.completion_logprobs(out.delta_logprobs, tok, offsets[index])
                         if logprobs is not None and logprobs["tokens"]:
                             offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-                        yield sse(P.completion_chunk(rid, name, index, unsent[index] + out.delta_text,
-                                                     P.finish_reason(out), logprobs))
+                        yield sse(P.completion_chunk(head, index, unsent[index] + out.delta_text, P.finish_reason(out),
+                                                     logprobs))
                         unsent[index] = ""
             finally:  # the client went away (or a bug): no await here, the task is being cancelled
                 fan.cancel()
             if include_usage and all(finals):
                 groups = [finals[i:i + params.n] for i in range(0, len(finals), params.n)]
-                yield sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-                           "choices": [], "usage": P.request_usage(groups, finals)})
+                yield sse(head.usage_chunk(P.request_usage(groups, finals)))
             yield sse("[DONE]")
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
