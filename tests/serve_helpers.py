@@ -145,3 +145,38 @@ async def soak(server: Server, seconds: float, streaming: int, plain: int, seed:
         await asyncio.wait_for(asyncio.gather(*([client(c, True) for _ in range(streaming)]
                                                 + [client(c, False) for _ in range(plain)])), seconds + 180)
     return tally
+
+
+class InProcess:
+    """The server's app over a real engine in this process, without a socket: a test can reach into
+    the engine (count its grammar compiles, fail one of its requests) while its requests go through
+    the whole HTTP layer. httpx's ASGI transport hands a streamed response over once it has ended."""
+
+    def __init__(self, model: Path, **engine_kwargs):
+        from glakeserve.llm import LLM
+        from glakeserve.server.api import ServerConfig, build_app
+        from glakeserve.server.async_engine import AsyncEngine
+
+        self.llm = LLM(model=str(model), **engine_kwargs)
+        self.engine = AsyncEngine(self.llm.engine)
+        self.app = build_app(self.engine, ServerConfig(served_model_name="tiny"))
+
+    def post(self, *requests: tuple[str, dict]) -> list[httpx.Response]:
+        """(path, body) requests sent at the same time; their responses in order."""
+        async def send():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(self.app), base_url="http://in-process",
+                                         timeout=120) as c:
+                return await asyncio.gather(*(c.post(path, json=body) for path, body in requests))
+
+        return asyncio.run(send())
+
+    def close(self) -> None:
+        self.app.state.close()
+        self.engine.shutdown()
+        self.llm.close()
+
+
+def sse_events(text: str) -> list:
+    """The data events of a streamed response's body, parsed ("[DONE]" stays a string)."""
+    return [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]" for line in text.splitlines()
+            if line.startswith("data: ")]

@@ -77,6 +77,41 @@ def test_vllm_benchmark_serving_replay(server):
         assert text and usage["completion_tokens"] == 12 and usage["prompt_tokens"] > 0, events[-1]
 
 
+CHUNK_KEYS = {"id", "object", "created", "model", "system_fingerprint", "choices"}
+
+
+def test_objects_have_openais_keys_and_validate_as_its_models(api):
+    """Every key OpenAI always sends is there, null where we have nothing to say (refusal,
+    system_fingerprint; with include_usage, usage on every chunk but the last); a stream's chunks share
+    one `created`; each object validates as the openai client's model."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    text = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3}
+    r = ChatCompletion.model_validate(api.post("/v1/chat/completions", json=chat).json()).model_dump(exclude_unset=True)
+    assert set(r) == CHUNK_KEYS | {"usage"} and r["object"] == "chat.completion" and r["system_fingerprint"] is None
+    assert set(r["choices"][0]) == {"index", "message", "logprobs", "finish_reason", "stop_reason"}  # + vLLM's
+    assert set(r["choices"][0]["message"]) == {"role", "content", "refusal"} and r["choices"][0]["message"]["refusal"] is None
+    r = Completion.model_validate(api.post("/v1/completions", json=text).json()).model_dump(exclude_unset=True)
+    assert set(r) == CHUNK_KEYS | {"usage"} and r["system_fingerprint"] is None
+    assert set(r["choices"][0]) == {"index", "text", "logprobs", "finish_reason", "stop_reason"}
+    # (completion chunks are read as Completion by the client, unvalidated: its finish_reason cannot be null)
+    for path, body, model in (("/v1/chat/completions", chat, ChatCompletionChunk), ("/v1/completions", text, None)):
+        for usage in (True, False):
+            events = sse_events(api.post(path, json={**body, "stream": True, "n": 2,
+                                                     "stream_options": {"include_usage": usage}}))
+            chunks = [model.model_validate(e).model_dump(exclude_unset=True) if model else e for e in events]
+            assert all(set(c) == CHUNK_KEYS | ({"usage"} if usage else set()) for c in chunks), chunks
+            assert len({c["created"] for c in chunks}) == 1 and all(c["system_fingerprint"] is None for c in chunks)
+            if usage:
+                assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["choices"] == []
+                assert chunks[-1]["usage"]["completion_tokens"] == 6
+            if model is ChatCompletionChunk:  # each choice opens with OpenAI's first delta
+                assert [c["choices"][0]["delta"] for c in chunks[:2]] == [
+                    {"role": "assistant", "content": "", "refusal": None}] * 2
+
+
 # ----- fields: honoured or refused by name ------------------------------------------------------
 REFUSED = [  # (endpoint, fields, the name the 400 must carry)
     ("chat", {"user": 7}, "user"),

@@ -9,6 +9,7 @@ import asyncio
 import http.client
 import json
 import math
+import shutil
 import statistics
 import threading
 import time
@@ -20,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from glakeserve.server.middleware import bearer_token, key_matches
-from serve_helpers import Server, soak
+from helpers import save_tiny_hf_llama
+from serve_helpers import InProcess, Server, soak, sse_events
 
 KEY = "reliability-key"
 MODEL = "SmolLM2-135M-Instruct"
@@ -334,6 +336,57 @@ def test_a_bug_is_a_500_in_openai_shape_logged_once_with_its_request_id(capsys):
     assert log.count("internal error in request") == 1 and f"request {rid} (GET /metrics)" in log
     assert "RuntimeError: a bug in the stats" in log
     app.state.close()
+
+
+# ----- a request the engine fails mid-stream ----------------------------------------------------
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory, smollm2_dir):
+    path = save_tiny_hf_llama(tmp_path_factory.mktemp("tiny"), vocab=49152, hidden=64, layers=2)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # SmolLM2's, for chat
+        shutil.copy(smollm2_dir / f, path / f)
+    s = InProcess(path, max_model_len=256, max_num_seqs=8, kv_cache_memory=16 << 20)
+    yield s
+    s.close()
+
+
+def fail_sequences(monkeypatch, engine, seed: int, after: int) -> None:
+    """The engine ends each sequence sampled with `seed` with an error once it has `after` tokens, as
+    it ends one whose grammar rejected a token."""
+    scheduler, update = engine.scheduler, engine.scheduler.update
+
+    def failing_update(batch, *args):
+        got = update(batch, *args)
+        for req in got:
+            if req.params.seed == seed and len(req.output_token_ids) == after and not req.finished:
+                scheduler.finish(req, "abort", error="injected failure")
+        return got
+
+    monkeypatch.setattr(scheduler, "update", failing_update)
+
+
+def test_an_engine_error_mid_stream_ends_that_stream_with_an_error_event(in_process, monkeypatch):
+    """vLLM's shape: the tokens so far, `data: {"error": {...}}`, `data: [DONE]` (no finish_reason, no
+    usage); a request beside it is served to its end, and a non-streamed one that fails is a 500."""
+    fail_sequences(monkeypatch, in_process.llm.engine, seed=13, after=3)
+    common = {"max_tokens": 30, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    chat = {**common, "messages": [{"role": "user", "content": "Count to ten"}]}
+    text = {**common, "prompt": "Once upon a time"}
+    responses = in_process.post(("/v1/chat/completions", {**chat, "seed": 13}),
+                                ("/v1/chat/completions", {**chat, "seed": 1}),
+                                ("/v1/completions", {**text, "seed": 13}), ("/v1/completions", {**text, "seed": 1}),
+                                ("/v1/completions", {**text, "seed": 13, "stream": False, "stream_options": None}))
+    assert [r.status_code for r in responses] == [200] * 4 + [500]
+    for failed, served in (responses[:2], responses[2:4]):
+        events = sse_events(failed.text)
+        assert events[-2:] == [{"error": {"message": "the engine could not finish this request: injected failure",
+                                          "type": "internal_error", "param": None, "code": 500}}, "[DONE]"], events
+        chunks = events[:-2]
+        assert chunks and not any(c["choices"][0]["finish_reason"] or c.get("usage") for c in chunks), chunks
+        events = sse_events(served.text)
+        assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 30, events[-3:]
+        assert events[-3]["choices"][0]["finish_reason"] == "length"
+    assert "injected failure" in responses[4].json()["error"]["message"]
+    assert in_process.engine.dead is None and in_process.engine.num_requests == 0
 
 
 def test_metrics_split_pages_by_holder(server, api):

@@ -18,7 +18,7 @@ from glakeserve.server.protocol import ApiError
 from glakeserve.server.tools import ToolStream, parse_tool_calls, tool_request
 from glakeserve.tokenizer import Tokenizer
 from helpers import save_tiny_hf_llama
-from serve_helpers import Server
+from serve_helpers import InProcess, Server
 
 HERMES_TEMPLATE = """\
 {%- if tools %}<|im_start|>system
@@ -92,6 +92,12 @@ def test_hermes_parser():
         "Let me check.", [("get_weather", {"city": "Paris"}), ("get_time", {})])
     unclosed = '<tool_call>{"name": "get_time", "arguments": "{\\"tz\\": \\"UTC\\"}"}'  # arguments as JSON text
     assert calls(parse_tool_calls(unclosed, "hermes", NAMES)) == (None, [("get_time", {"tz": "UTC"})])
+    other = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    for text, content in [(one + "\nI asked for the weather.\n", "I asked for the weather."),  # after the last call
+                          ("Checking.\n" + one + "\nThen the time:\n" + other + " Done.",
+                           "Checking.\nThen the time:\n Done."),
+                          ("  " + one + "\n" + other + "\n", None)]:
+        assert parse_tool_calls(text, "hermes", NAMES)[0] == content, text
     for plain in ("The weather is fine.", '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>',
                   '<tool_call>{"name": "launch", "arguments": {}}</tool_call>',  # not one of the tools
                   '<tool_call>["get_time"]</tool_call>', '<tool_call>{"name": ["get_time"], "arguments": {}}</tool_call>',
@@ -134,6 +140,7 @@ STREAMED = [  # (format, reply, content that may go out before the end)
     ("hermes", 'Use a <tool> or <tool_call>{"name": "get_time", "arguments": {}}</tool_call>', "Use a <tool> or"),
     ("hermes", "No call here, only <tool_ text.", "No call here, only <tool_ text."),
     ("hermes", '<tool_call>{"name": "nope", "arguments": {}}</tool_call>', ""),
+    ("hermes", 'Now.\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\nAsked.', "Now."),
     ("llama3_json", '  {"name": "get_time", "parameters": {}}', ""),
     ("llama3_json", "Plain {text}", "Plain {text}"),
     ("llama3_json", '<|python_tag|>{"name": "get_time", "parameters": {}}', ""),
@@ -154,6 +161,9 @@ def test_streamed_reply_matches_the_whole_one(fmt, reply, early, step):
     assert sent + rest == (content or "") and [c.name for c in found] == [c.name for c in whole]
 
 
+DEEP = {"type": "object"}
+for _ in range(2000):
+    DEEP = {"type": "object", "properties": {"a": DEEP}}
 BAD_TOOLS = [  # (fields, words the message must hold)
     ({"tools": {"name": "f"}}, "tools must be a list"),
     ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
@@ -165,6 +175,9 @@ BAD_TOOLS = [  # (fields, words the message must hold)
         "x": {"type": 3}}}}}]}, "parameters.properties.x.type"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "type object"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"required": "x"}}}]}, "required"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "string", "minLength": -1}}}}}]}, "parameters.properties.x.minLength: -1 is less than"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": DEEP}}]}, "nested too deeply"),
     ({"tools": [{"type": "function", "function": {"name": "f", "extra": 1}}]}, "extra"),
     ({"tools": [TOOLS[1], TOOLS[1]]}, "more than once"),
 ]
@@ -194,13 +207,25 @@ def test_tool_support_is_read_from_the_template(smollm2_dir, tmp_path):
 
 # ----- end to end --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, smollm2_dir):
+def hermes_model(tmp_path_factory, smollm2_dir):
     path = save_tiny_hf_llama(tmp_path_factory.mktemp("tools-model"), vocab=49152, hidden=64, layers=2)
-    with_template(smollm2_dir, path, HERMES_TEMPLATE)
-    s = Server(["--model", str(path), "--max-model-len", "512", "--max-num-seqs", "8", "--kv-cache-memory", "32MiB",
-                "--served-model-name", "tiny-tools"], tmp_path_factory.mktemp("serve") / "server.log").wait_ready()
+    return with_template(smollm2_dir, path, HERMES_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, hermes_model):
+    s = Server(["--model", str(hermes_model), "--max-model-len", "512", "--max-num-seqs", "8", "--kv-cache-memory",
+                "32MiB", "--served-model-name", "tiny-tools"], tmp_path_factory.mktemp("serve") / "server.log")
+    s.wait_ready()
     yield s
     assert s.stop() == 0, s.log()
+
+
+@pytest.fixture(scope="module")
+def in_process(hermes_model):
+    s = InProcess(hermes_model, max_model_len=512, max_num_seqs=8, kv_cache_memory=32 << 20)
+    yield s
+    s.close()
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +297,17 @@ def test_streamed_tool_call_comes_in_one_delta(client):
     assert chunks[-1].usage.completion_tokens > 0
 
 
+def test_text_after_the_last_hermes_call_is_content(client):
+    said = ('Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Rome", "metric": true}}</tool_call>'
+            '\nI asked for the weather in Rome.')
+    ask = dict(model="tiny-tools", messages=MESSAGES, tools=TOOLS, max_tokens=80, extra_body={"guided_choice": [said]})
+    message = client.chat.completions.create(**ask).choices[0].message
+    assert message.content == "Checking.\nI asked for the weather in Rome." and len(message.tool_calls) == 1
+    deltas = [c.choices[0].delta for c in client.chat.completions.create(**ask, stream=True)]
+    assert "".join(d.content or "" for d in deltas) == message.content
+    assert [d.tool_calls[0].function.name for d in deltas if d.tool_calls] == ["get_weather"]
+
+
 def test_streamed_auto_reply_sends_content_first_then_the_call(client):
     said = 'Checking now.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "metric": false}}</tool_call>'
     chunks = list(client.chat.completions.create(model="tiny-tools", messages=MESSAGES, tools=TOOLS, max_tokens=80,
@@ -339,3 +375,35 @@ def test_tool_results_in_the_conversation_are_rendered(client, server):
         e = api.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": [
             {"type": "function", "function": {"name": "f", "parameters": unsupported}}]}).json()
         assert e["error"]["param"] == "tools" and "tools[0].function.parameters" in e["error"]["message"], e
+
+
+def test_only_a_forced_call_compiles_a_grammar(in_process, monkeypatch):
+    """Under tool_choice auto or none the tools' schemas are checked against the meta-schema, never
+    compiled (each tool set would churn the engine's grammar cache); a forced call compiles the one
+    grammar the engine uses, and a schema it cannot compile is a 400 naming the tool."""
+    engine, compiled = in_process.llm.engine, []
+    compile_guided = engine.compile_guided
+    monkeypatch.setattr(engine, "compile_guided", lambda guided: compiled.append(guided) or compile_guided(guided))
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "parameters": {
+        "type": "object", "properties": {f"x{i}": {"type": "integer"}}, "required": [f"x{i}"]}}} for i in range(8)]
+    chat = {"messages": MESSAGES, "tools": tools, "max_tokens": 2}
+    plain = [chat, {**chat, "tool_choice": "auto"}, {**chat, "tool_choice": "none", "stream": True}]
+    assert [r.status_code for r in in_process.post(*[("/v1/chat/completions", b) for b in plain])] == [200] * 3
+    assert compiled == []
+    regex = {"type": "object", "properties": {"x": {"type": "string", "pattern": "("}}}  # not a regex
+    unresolved = {"type": "object", "properties": {"x": {"$ref": "#/nowhere"}}}  # valid, but no grammar
+    bad = [{**chat, "tools": tools + [{"type": "function", "function": {"name": "f", "parameters": regex}}]},
+           {**chat, "tools": tools + [{"type": "function", "function": {"name": "f", "parameters": unresolved}}],
+            "tool_choice": "required"},
+           {**chat, "tools": [{"type": "function", "function": {"name": "f", "parameters": unresolved}}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}}}]
+    errors = [r.json()["error"] for r in in_process.post(*[("/v1/chat/completions", b) for b in bad])]
+    assert errors[0]["message"].startswith("tools[8].function.parameters.properties.x.pattern: '(' is not a 'regex'")
+    assert [e["message"].split(":")[0] for e in errors[1:]] == ["tools[8].function.parameters",
+                                                                 "tools[0].function.parameters"], errors
+    assert all(e["param"] == "tools" for e in errors) and "nowhere" in errors[1]["message"], errors
+    compiled.clear()
+    forced = [{**chat, "tool_choice": "required"}, {**chat, "tool_choice": {"type": "function",
+                                                                           "function": {"name": "tool_3"}}}]
+    assert [r.status_code for r in in_process.post(*[("/v1/chat/completions", b) for b in forced])] == [200] * 2
+    assert set(compiled) == {tool_request(b).forced() for b in forced}  # checked, then found by the engine

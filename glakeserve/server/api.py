@@ -3,8 +3,9 @@
 
 A request goes: Guard (key, refusals, size) -> body (JSON, checked fields) -> the tokenizer thread
 -> the engine thread. A request ends when it finishes, when its client goes away (aborted before
-the next step, streaming or not), when its deadline passes (finish_reason "timeout"), or when the
-server shuts down (finish_reason "shutdown")."""
+the next step, streaming or not), when its deadline passes (finish_reason "timeout"), when the
+server shuts down (finish_reason "shutdown"), or when the engine fails it (a 500, or in a stream an
+error event before [DONE])."""
 
 from __future__ import annotations
 
@@ -133,15 +134,30 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                 field = field or P.guided_field(body)
                 raise ApiError(400, f"{field}: {e}", param=field) from None
 
-    async def check_tools(tools: T.ToolRequest) -> None:
-        """Each function's parameters must compile as a JSON schema (a call to it can then be forced)."""
-        for i, tool in enumerate(tools.tools):
-            schema = tool["function"].get("parameters")
-            if schema is not None:
-                try:
-                    await asyncio.to_thread(engine.engine.compile_guided, GuidedDecoding.json_schema(schema))
-                except ValueError as e:
-                    raise ApiError(400, f"tools[{i}].function.parameters: {e}", param="tools") from None
+    async def check_forced(tools: T.ToolRequest, forced: GuidedDecoding) -> None:
+        """Compiles the grammar of a forced call (tool_choice required or named), which the engine then
+        finds cached; a 400 naming the tool whose parameters cannot be compiled. Under auto and none
+        nothing is compiled: each tool set would take grammars into the engine's cache of 64 and push
+        out ones compiled for requests not yet added, which the engine thread would then compile again
+        holding its lock (every request waits); tool_request checked the schemas against the
+        meta-schema instead."""
+        try:
+            await asyncio.to_thread(engine.engine.compile_guided, forced)
+        except ValueError as e:
+            names = list(tools.schemas)
+            i = names.index(tools.name) if tools.choice == "function" else await failing_tool(tools)
+            if i is None:  # each compiles alone: say what the whole one said
+                raise ApiError(400, f"tool_choice: {e}", param="tool_choice") from None
+            raise ApiError(400, f"tools[{i}].function.parameters: {e}", param="tools") from None
+
+    async def failing_tool(tools: T.ToolRequest) -> int | None:
+        """The index of the first tool whose parameters alone cannot be compiled."""
+        for i, schema in enumerate(tools.schemas.values()):
+            try:
+                await asyncio.to_thread(engine.engine.compile_guided, GuidedDecoding.json_schema(schema))
+            except ValueError:
+                return i
+        return None
 
     def tool_reply(tools: T.ToolRequest, text: str) -> tuple[str | None, list[dict]]:
         content, calls = tools.parse(text, tool_format)
@@ -184,16 +200,21 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                     t.cancel()
         for out in outs:
             if out.error:
-                raise ApiError(500, f"the engine could not finish this request: {out.error}")
+                raise _failed(out)
         return P.choose(outs, params, best_of)
 
     def sse(payload: dict | str) -> str:
         return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
-    def stream_error(rid: str, e: Exception) -> str:
-        if isinstance(e, (EngineDeadError, ValueError)):
-            return sse(_engine_error(e).body())
-        log_internal_error(rid, "streaming", e)
+    def stream_error(rid: str, failed: Exception | RequestOutput) -> str:
+        """The event that ends a stream which cannot go on (its sequence failed, or the engine refused
+        or lost it). As vLLM: `data: {"error": {...}}`, then only `data: [DONE]`, no finish_reason nor
+        usage; the request's other sequences are aborted, as its reply is lost anyway."""
+        if isinstance(failed, RequestOutput):
+            return sse(_failed(failed).body())
+        if isinstance(failed, (EngineDeadError, ValueError)):
+            return sse(_engine_error(failed).body())
+        log_internal_error(rid, "streaming", failed)
         return sse(ApiError(500, f"internal server error (request {rid}); the server log has the details").body())
 
     # ----- endpoints ------------------------------------------------------------------------
@@ -230,9 +251,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
         forced = tools.forced() if tools is not None else None
         params = P.sampling_params(body, default_max_tokens=None, vocab_size=vocab, chat=True, forced=forced)
         best_of = P.best_of(body, params.n, stream)
-        if tools is not None:
-            await check_tools(tools)
-        await check_guided(body, params, "tool_choice" if forced is not None else None)
+        if forced is not None:
+            await check_forced(tools, forced)
+        else:
+            await check_guided(body, params)
         ids = await encoder.encode(messages, params, "messages", list(tools.tools) if tools is not None else None)
         parse = tools is not None and tools.choice != "none"  # tool_choice none: the reply is content
         P.check_room(len(ids), params, body, engine.engine.max_model_len)
@@ -246,18 +268,20 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
             replies = [tool_reply(tools, o.text) for o in chosen] if parse else None
             return P.chat_response(rid, name, chosen, P.request_usage(groups, chosen), tok, replies)
 
+        head = P.StreamHead(rid, "chat.completion.chunk", name, include_usage)
+
         async def chunks():
             for i in range(len(gens)):
-                yield sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, index=i))
+                yield sse(P.chat_chunk(head, P.FIRST_DELTA, None, index=i))
             fan = _FanIn(gens)
             finals = [None] * len(gens)
             readers = [T.ToolStream(tools, tool_format) for _ in gens] if parse else None
             try:
                 while (item := await fan.next()) is not None:
                     index, out = item
-                    if isinstance(out, Exception):  # the client gets an error event and the stream's end
+                    if isinstance(out, Exception) or out.error:
                         yield stream_error(request.scope[REQUEST_ID], out)
-                        continue
+                        break
                     reason = P.finish_reason(out)
                     finals[index] = out if out.finished else None
                     if readers is not None:  # content while no call can have begun; calls at the end
@@ -267,18 +291,16 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                             rest, calls = readers[index].finish()
                             delta, reason = _tool_delta(out, delta, rest, [c.openai() for c in calls])
                         if delta or reason or out.delta_logprobs:
-                            yield sse(P.chat_chunk(rid, name, delta, reason, P.chat_logprobs(out.delta_logprobs, tok),
-                                                   index))
+                            logprobs = P.chat_logprobs(out.delta_logprobs, tok)
+                            yield sse(P.chat_chunk(head, delta, reason, logprobs, index))
                         continue
                     if out.delta_text or reason or out.delta_logprobs:
                         delta = {"content": out.delta_text} if out.delta_text else {}
-                        yield sse(P.chat_chunk(rid, name, delta, reason, P.chat_logprobs(out.delta_logprobs, tok),
-                                               index))
+                        yield sse(P.chat_chunk(head, delta, reason, P.chat_logprobs(out.delta_logprobs, tok), index))
             finally:  # the client went away (or a bug): no await here, the task is being cancelled
                 fan.cancel()
             if include_usage and all(finals):
-                yield sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
-                           "choices": [], "usage": P.request_usage([finals], finals)})
+                yield sse(head.usage_chunk(P.request_usage([finals], finals)))
             yield sse("[DONE]")
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
@@ -315,6 +337,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
             texts = [e for e in echoed for _ in range(params.n)]  # choice i * n + j is prompt i's sequence j
             return P.completion_response(rid, name, chosen, texts, P.request_usage(groups, chosen), tok)
 
+        head = P.StreamHead(rid, "text_completion", name, include_usage)
+
         async def chunks():
             fan = _FanIn(gens)
             finals = [None] * len(gens)
@@ -323,23 +347,22 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
             try:
                 while (item := await fan.next()) is not None:
                     index, out = item
-                    if isinstance(out, Exception):
+                    if isinstance(out, Exception) or out.error:
                         yield stream_error(request.scope[REQUEST_ID], out)
-                        continue
+                        break
                     finals[index] = out if out.finished else None
                     if out.delta_text or out.finished or out.delta_logprobs or unsent[index]:
                         logprobs = P.completion_logprobs(out.delta_logprobs, tok, offsets[index])
                         if logprobs is not None and logprobs["tokens"]:
                             offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-                        yield sse(P.completion_chunk(rid, name, index, unsent[index] + out.delta_text,
-                                                     P.finish_reason(out), logprobs))
+                        yield sse(P.completion_chunk(head, index, unsent[index] + out.delta_text, P.finish_reason(out),
+                                                     logprobs))
                         unsent[index] = ""
             finally:  # the client went away (or a bug): no await here, the task is being cancelled
                 fan.cancel()
             if include_usage and all(finals):
                 groups = [finals[i:i + params.n] for i in range(0, len(finals), params.n)]
-                yield sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-                           "choices": [], "usage": P.request_usage(groups, finals)})
+                yield sse(head.usage_chunk(P.request_usage(groups, finals)))
             yield sse("[DONE]")
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
@@ -429,6 +452,12 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client hangs up (call it once the body has been read)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _failed(out: RequestOutput) -> ApiError:
+    """A sequence the engine ended with an error (the KV cache cannot hold it; a grammar rejected a
+    token): a 500 that says why, not a reply cut short with finish_reason "stop"."""
+    return ApiError(500, f"the engine could not finish this request: {out.error}")
 
 
 def _engine_error(e: BaseException) -> ApiError:

@@ -551,8 +551,8 @@ def chat_message(out: RequestOutput, reply: tuple[str | None, list[dict]] | None
     (finish_reason "tool_calls" when there are calls and the model stopped by itself)."""
     reason = finish_reason(out)
     if reply is None or not reply[1]:
-        return {"role": "assistant", "content": out.text if reply is None else reply[0]}, reason
-    return ({"role": "assistant", "content": reply[0], "tool_calls": reply[1]},
+        return {"role": "assistant", "content": out.text if reply is None else reply[0], "refusal": None}, reason
+    return ({"role": "assistant", "content": reply[0], "refusal": None, "tool_calls": reply[1]},
             "tool_calls" if reason == "stop" else reason)
 
 
@@ -565,21 +565,44 @@ def chat_response(rid: str, model: str, outs: list[RequestOutput], usage_: dict,
         choices.append({"index": i, "message": message, "logprobs": chat_logprobs(out.logprobs, tok),
                         "finish_reason": reason, "stop_reason": out.stop_reason})
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage_}
+            "system_fingerprint": None, "choices": choices, "usage": usage_}
 
 
-def chat_chunk(rid: str, model: str, delta: dict, reason: str | None, logprobs: dict | None = None,
-               index: int = 0) -> dict:
-    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}  # (null, as OpenAI sends)
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [choice]}
+@dataclasses.dataclass(frozen=True)
+class StreamHead:
+    """What every chunk of one stream repeats, as OpenAI's do: the id, one creation time, the model,
+    system_fingerprint (null: we have none) and, with stream_options.include_usage, usage (null on
+    every chunk but the last, which has no choices)."""
+
+    id: str
+    object: str  # chat.completion.chunk or text_completion
+    model: str
+    include_usage: bool
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    def chunk(self, choices: list[dict]) -> dict:
+        out = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+               "system_fingerprint": None, "choices": choices}
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, usage_: dict) -> dict:
+        return {**self.chunk([]), "usage": usage_}
+
+
+FIRST_DELTA = {"role": "assistant", "content": "", "refusal": None}  # each chat choice's first chunk (OpenAI's)
+
+
+def chat_chunk(head: StreamHead, delta: dict, reason: str | None, logprobs: dict | None = None, index: int = 0) -> dict:
+    return head.chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}])
 
 
 def completion_response(rid: str, model: str, outs: list[RequestOutput], echoed: list[str], usage_: dict,
                         tok=None) -> dict:
     """echoed: per choice, the prompt text put before its completion (echo=true), or ""."""
     return {
-        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "system_fingerprint": None,
         "choices": [{"index": i, "text": e + o.text, "logprobs": completion_logprobs(o.logprobs, tok, len(e)),
                      "finish_reason": finish_reason(o), "stop_reason": o.stop_reason}
                     for i, (o, e) in enumerate(zip(outs, echoed))],
@@ -587,7 +610,5 @@ def completion_response(rid: str, model: str, outs: list[RequestOutput], echoed:
     }
 
 
-def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None,
-                     logprobs: dict | None = None) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
+def completion_chunk(head: StreamHead, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+    return head.chunk([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}])

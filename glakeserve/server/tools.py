@@ -21,6 +21,11 @@ from dataclasses import dataclass
 from glakeserve.server.protocol import ApiError, check_text, short
 from glakeserve.structured import GuidedDecoding
 
+try:  # the meta-schema check of tool parameters (requirements.txt); without it the shape check alone runs
+    from jsonschema import Draft202012Validator, SchemaError
+except ImportError:
+    Draft202012Validator = None
+
 TOOL_FORMATS = ("hermes", "llama3_json")
 CHOICES = ("none", "auto", "required")
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
@@ -104,21 +109,11 @@ def _call(value, names) -> ToolCall | None:
 
 
 def parse_tool_calls(text: str, fmt: str, names) -> tuple[str | None, list[ToolCall]] | None:
-    """The calls in a freely generated reply, and the content before them (None when there is none);
-    None when the text is not (or not entirely) calls to the named tools."""
+    """The calls in a freely generated reply, and its content (None when there is none): Hermes, the
+    text around the call blocks; Llama 3.1, none. None when the text holds no calls, or (Llama 3.1: is
+    not entirely) calls to the named tools."""
     if fmt == "hermes":
-        start = text.find("<tool_call>")
-        if start < 0:
-            return None
-        calls = []
-        for body in HERMES_CALL.findall(text, start):
-            try:
-                calls.append(_call(json.loads(body), names))
-            except ValueError:
-                return None
-        if not calls or None in calls:
-            return None
-        return text[:start].rstrip() or None, calls
+        return _hermes_calls(text, names)
     if fmt != "llama3_json":
         raise ValueError(f"unknown tool-call format {fmt!r}; expected one of {', '.join(TOOL_FORMATS)}")
     rest = text.strip().removeprefix(PYTHON_TAG).lstrip()
@@ -135,11 +130,34 @@ def parse_tool_calls(text: str, fmt: str, names) -> tuple[str | None, list[ToolC
     return None if None in calls else (None, calls)
 
 
+def _hermes_calls(text: str, names) -> tuple[str | None, list[ToolCall]] | None:
+    """Each <tool_call> block a call; the text before, between and after them is the content, with
+    the space next to the blocks trimmed where the content starts and ends (the text before the first
+    may have streamed out already, so only its end is trimmed)."""
+    start = text.find("<tool_call>")
+    if start < 0:
+        return None
+    calls, outside, pos = [], [text[:start].rstrip()], start
+    for block in HERMES_CALL.finditer(text, start):
+        outside.append(text[pos:block.start()])
+        try:
+            calls.append(_call(json.loads(block.group(1)), names))
+        except ValueError:
+            return None
+        pos = block.end()
+    if not calls or None in calls:
+        return None
+    content = "".join(outside) + text[pos:]
+    content = (content if outside[0] else content.lstrip()).rstrip()
+    return content or None, calls
+
+
 class ToolStream:
     """One streamed choice of a request whose reply is parsed: its text goes out as content while
     no call can have begun (Hermes: before `<tool_call>`; Llama 3.1: a reply that does not open with
-    `{`); from where a call may begin it is held back, and read whole at the end (finish()). A forced
-    call (tool_choice required or named) is held back from the start."""
+    `{`); from where a call may begin it is held back, and read whole at the end (finish(): the calls,
+    and the content after the first, such as Hermes text after the last block). A forced call
+    (tool_choice required or named) is held back from the start."""
 
     def __init__(self, tools: ToolRequest, fmt: str):
         self.tools, self.fmt = tools, fmt
@@ -255,7 +273,11 @@ def _tool(tool, i: int) -> dict:
                        param="tools")
     parameters = function.get("parameters")
     if parameters is not None:
-        check_schema(parameters, f"{where}.function.parameters")
+        try:
+            check_schema(parameters, f"{where}.function.parameters")
+            check_meta_schema(parameters, f"{where}.function.parameters")
+        except RecursionError:
+            raise ApiError(400, f"{where}.function.parameters is nested too deeply to read", param="tools") from None
         if parameters.get("type", "object") != "object":
             raise ApiError(400, f"{where}.function.parameters must be a schema of type object (the arguments), "
                                 f"got type {short(parameters['type'])}", param="tools")
@@ -264,8 +286,8 @@ def _tool(tool, i: int) -> dict:
 
 
 def check_schema(schema, where: str) -> None:
-    """The shape of a JSON schema's keywords that name types and sub-schemas (whether the rest can be
-    compiled is checked by the grammar library)."""
+    """The shape of a JSON schema's keywords that name types and sub-schemas, with messages that say
+    where (the meta-schema check follows; whether it compiles is checked when a call is forced)."""
     if not isinstance(schema, dict):
         raise ApiError(400, f"{where} must be a JSON schema object, got {short(schema)}", param="tools")
     kind = schema.get("type")
@@ -297,3 +319,16 @@ def check_schema(schema, where: str) -> None:
                                param="tools")
             for j, sub in enumerate(schema[key]):
                 check_schema(sub, f"{where}.{key}[{j}]")
+
+
+def check_meta_schema(schema: dict, where: str) -> None:
+    """The schema against JSON Schema's meta-schema (draft 2020-12), formats included (a pattern must
+    be a regex): milliseconds, where compiling it into a grammar can take seconds. Only a forced call
+    compiles its tools' schemas (api.py); under tool_choice auto or none this is all the check."""
+    if Draft202012Validator is None:
+        return
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        message = e.message if len(e.message) <= 200 else e.message[:200] + "..."  # it quotes the client's value
+        raise ApiError(400, f"{where}{e.json_path.removeprefix('$')}: {message}", param="tools") from None
