@@ -142,10 +142,10 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
     index: int = 0  # which of its request's n sequences (SamplingParams.n) this output is
     logprobs: list[TokenLogprob] | None = None  # of token_ids, when SamplingParams.logprobs is set
+    delta_logprobs: list[TokenLogprob] | None = None  # of delta_token_ids
     # of prompt_token_ids (None for the first), when SamplingParams.prompt_logprobs is set: on every output
     # from the first (the step that computes the prompt's last tokens reads them with the first token)
     prompt_logprobs: list[TokenLogprob | None] | None = None
-    delta_logprobs: list[TokenLogprob] | None = None  # of delta_token_ids
 
     @property
     def num_prompt_tokens(self) -> int:
