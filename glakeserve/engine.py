@@ -316,7 +316,10 @@ class LLMEngine:
         return any(r.matcher is not None for r in self.scheduler.running)
 
     def _update(self, step: LaunchedStep) -> list[RequestOutput]:
-        tokens, logprobs = self.runner.read(step)
+        tokens, logprobs, prompt = self.runner.read(step)
+        for req, first, entries in prompt:  # before the outputs: the first one carries them
+            assert len(req.prompt_logprobs) == first + 1, "prompt logprob rows out of order"
+            req.prompt_logprobs += entries
         got = self.scheduler.update(step.batch, tokens, logprobs)
         for req in got:  # each grammar moves past its request's token (the next mask depends on it)
             if req.matcher is not None and not req.matcher.accept_token(req.output_token_ids[-1]):
@@ -375,6 +378,8 @@ class LLMEngine:
             delta_text = req.text[req.emitted:upto]
             req.emitted = upto
         wants_logprobs = req.params.logprobs is not None
+        prompt_logprobs = req.prompt_logprobs if req.params.prompt_logprobs is not None and \
+            len(req.prompt_logprobs) == len(req.prompt_token_ids) else None  # (an abort may leave them short)
         return RequestOutput(
             request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
             text=req.text, token_ids=list(req.output_token_ids), finished=req.finished,
@@ -383,6 +388,7 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens, index=req.index,
             logprobs=list(req.output_logprobs) if wants_logprobs and (req.finished or not req.stream) else None,
             delta_logprobs=req.output_logprobs[len(req.output_logprobs) - len(delta_ids):] if wants_logprobs else None,
+            prompt_logprobs=prompt_logprobs,
         )
 
     # ----- inspection -------------------------------------------------------------------------

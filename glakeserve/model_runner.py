@@ -19,6 +19,7 @@ from glakeserve.kv import KVCache
 from glakeserve.model.llama import LlamaModel
 from glakeserve.penalties import PenaltyCounts
 from glakeserve.profiling import DeviceTimeline, PhaseClock
+from glakeserve.prompt_logprobs import PromptRows, chunk_rows, compute, entries
 from glakeserve.request import TokenLogprob
 from glakeserve.sampling import Sampled, SamplingBatch, sample_with_logprobs
 from glakeserve.scheduler import ScheduledBatch
@@ -142,6 +143,7 @@ class LaunchedStep:
     path: str  # "graph" or "eager"
     start: torch.cuda.Event | None = None  # with a DeviceTimeline: the step's device work starts here
     logprobs: Sampled | None = None  # the samplers' logprobs (pinned host copies on a GPU), when asked for
+    prompt: PromptRows | None = None  # prompt logprob rows (pinned host copies on a GPU), when asked for
 
 
 class ModelRunner:
@@ -177,8 +179,10 @@ class ModelRunner:
         self.clock.lap("kv_begin")
         ids, slots, qlens, ctxs = [], [], [], []
         last_index = []  # index into the flat token list of each sampler's last token
+        offsets = []  # index into the flat token list of each request's first new token
         samplers = batch.samplers  # in batch order
         for req, n, start in zip(batch.requests, batch.num_new_tokens, batch.starts):
+            offsets.append(len(ids))
             ids += req.token_ids(start, n)
             slots.append(req.slot.index)
             qlens.append(n)
@@ -213,6 +217,7 @@ class ModelRunner:
                 sampled = out
             if result.logprobs is not None:
                 logprobs = Sampled(sampled, result.logprob_rows, _to_host(result.logprobs), _to_host(result.top_ids))
+        prompt = self._prompt_rows(batch, hidden, offsets, staging) if batch.prompt_rows else None
         event = None
         if self.device.type == "cuda":
             event = DeviceTimeline.mark() if self.timeline is not None else torch.cuda.Event()
@@ -220,11 +225,28 @@ class ModelRunner:
         self.clock.lap("launch")
         self.kv.end_step(batch, event)
         self.clock.lap("kv_end")
-        return LaunchedStep(batch, sampled, event, path, started, logprobs)
+        return LaunchedStep(batch, sampled, event, path, started, logprobs, prompt)
 
-    def read(self, step: LaunchedStep) -> tuple[list[int], list[TokenLogprob | None]]:
-        """The step's sampled tokens, one per sampler, and their logprobs (None for a sampler that did
-        not ask). Waits for the device: the one wait of a step."""
+    def _prompt_rows(self, batch: ScheduledBatch, hidden: torch.Tensor, offsets: list[int],
+                     staging: HostStaging) -> PromptRows:
+        """Queues the prompt logprob rows the scheduler planned (batch.prompt_rows) and their copies
+        to the host."""
+        rows, targets, spans = [], [], []
+        for i, first, stop in batch.prompt_rows:
+            req, start = batch.requests[i], batch.starts[i]
+            rows += range(offsets[i] + first - start, offsets[i] + stop - start)
+            targets += req.prompt_token_ids[first + 1:stop + 1]
+            spans.append((req, first, stop))
+        k = max(req.params.prompt_logprobs for req, _, _ in spans)
+        values, top_ids, ranks = compute(self.model.logits, hidden, staging.put(rows, torch.int64),
+                                         staging.put(targets, torch.int64), len(rows), k,
+                                         chunk_rows(self.model.cfg.vocab_size))
+        return PromptRows(spans, _to_host(values), _to_host(top_ids), _to_host(ranks))
+
+    def read(self, step: LaunchedStep) -> tuple[list[int], list[TokenLogprob | None], list]:
+        """The step's sampled tokens, one per sampler, their logprobs (None for a sampler that did not
+        ask), and its prompt logprobs: (request, first position, entries) per request with rows in
+        the step. Waits for the device: the one wait of a step."""
         if step.event is not None:
             step.event.synchronize()
             if step.start is not None:
@@ -239,7 +261,7 @@ class ModelRunner:
             for row, vals, ids in zip(lp.logprob_rows, values, top_ids):
                 k = step.batch.samplers[row].params.logprobs
                 logprobs[row] = TokenLogprob(tokens[row], vals[0], list(zip(ids[:k], vals[1:k + 1])))
-        return tokens, logprobs
+        return tokens, logprobs, entries(step.prompt) if step.prompt is not None else []
 
     def sampling_batch(self, batch: ScheduledBatch, vocab: int, to_device) -> SamplingBatch:
         reqs = batch.samplers

@@ -16,11 +16,13 @@ from glakeserve.sampling import SamplingParams
 
 @dataclass
 class TokenLogprob:
-    """A sampled token's processed logprob and the top-k tokens' (SamplingParams.logprobs = k)."""
+    """A token's logprob and the top-k tokens'. A sampled token's is processed (SamplingParams.logprobs
+    = k); a prompt token's is raw, with its rank (SamplingParams.prompt_logprobs = k)."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
+    rank: int | None = None  # prompt tokens: 1 + the tokens more likely than this one
 
 
 class RequestStatus(Enum):
@@ -58,6 +60,9 @@ class Request:
     stream: bool = False  # outputs every step, with incremental text; else one output at the end
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if asked for
+    # with SamplingParams.prompt_logprobs: one per prompt token read so far, None for the first
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
+    num_prompt_rows: int = 0  # prompt positions whose logprob row a launched step computes (p gives token p + 1's)
     num_computed_tokens: int = 0  # tokens whose KV is computed or being computed by a launched step
     num_pending: int = 0  # tokens sampled by launched steps whose ids have not been read yet
     status: RequestStatus = RequestStatus.WAITING
@@ -81,6 +86,16 @@ class Request:
     def num_tokens(self) -> int:
         """Prompt, output and pending tokens."""
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def cacheable_tokens(self) -> int:
+        """Tokens admission may take from the prefix cache: all known ones but the last (computing it
+        yields the next token's logits), and while prompt logprobs are owed none from the first prompt
+        position whose row is still to be computed (its hidden state is needed)."""
+        limit = len(self.prompt_token_ids) + len(self.output_token_ids) - 1
+        if self.params.prompt_logprobs is not None and self.num_prompt_rows < len(self.prompt_token_ids) - 1:
+            limit = min(limit, self.num_prompt_rows)
+        return limit
 
     @property
     def num_scheduled_outputs(self) -> int:
@@ -128,6 +143,9 @@ class RequestOutput:
     index: int = 0  # which of its request's n sequences (SamplingParams.n) this output is
     logprobs: list[TokenLogprob] | None = None  # of token_ids, when SamplingParams.logprobs is set
     delta_logprobs: list[TokenLogprob] | None = None  # of delta_token_ids
+    # of prompt_token_ids (None for the first), when SamplingParams.prompt_logprobs is set: on every output
+    # from the first (the step that computes the prompt's last tokens reads them with the first token)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

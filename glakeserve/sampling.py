@@ -44,6 +44,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's)
     logprobs: int | None = None  # the sampled token's logprob and the top N's (0-20); None: none
+    # each prompt token's logprob given the tokens before it, and the top N's (0-20); None: none. Raw:
+    # log_softmax of the model's logits (no bias, penalties or temperature), as vLLM's; the first token has none
+    prompt_logprobs: int | None = None
     guided: GuidedDecoding | None = None  # output constrained to a JSON schema, any JSON, a regex or a choice
 
     def __post_init__(self) -> None:
@@ -89,6 +92,10 @@ class SamplingParams:
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             fail(f"logprobs must be in [0, {MAX_LOGPROBS}] (top tokens besides the sampled one) or None, got "
                  f"{self.logprobs}.")
+        plp = self.prompt_logprobs
+        if plp is not None and (isinstance(plp, bool) or not isinstance(plp, int) or not 0 <= plp <= MAX_LOGPROBS):
+            fail(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}] (top tokens besides the prompt token) or "
+                 f"None, got {plp!r}.")
         if self.guided is not None:
             if not isinstance(self.guided, GuidedDecoding):
                 fail(f"guided must be a GuidedDecoding, got {type(self.guided).__name__}.")

@@ -24,6 +24,8 @@ class ScheduledBatch:
     starts: list[int] = field(default_factory=list)  # first position each request computes
     samplers: list[Request] = field(default_factory=list)  # requests whose next token this step samples
     sample_steps: list[int] = field(default_factory=list)  # output tokens each sampler had before this one
+    # (index in requests, first, stop): prompt positions [first, stop) whose logprob rows this step computes
+    prompt_rows: list[tuple[int, int, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     failed: list[Request] = field(default_factory=list)  # can never fit: finished with an error
     upcoming: list[Request] = field(default_factory=list)  # waiting requests likely admitted soon
@@ -123,6 +125,12 @@ class Scheduler:
         batch.requests.append(req)
         batch.num_new_tokens.append(n)
         batch.starts.append(req.num_computed_tokens)
+        if req.params.prompt_logprobs is not None:  # rows not computed before (a recompute skips them)
+            first, stop = req.num_prompt_rows, min(req.num_computed_tokens + n, len(req.prompt_token_ids) - 1)
+            assert req.num_computed_tokens <= first or first >= stop, "a prompt row's token was taken from the cache"
+            if first < stop:
+                batch.prompt_rows.append((len(batch.requests) - 1, first, stop))
+                req.num_prompt_rows = stop
         req.num_computed_tokens += n
         if req.prompt_scheduled is None and req.num_computed_tokens >= len(req.prompt_token_ids):
             req.prompt_scheduled = self.num_schedules

@@ -132,7 +132,12 @@ REFUSED = [  # (endpoint, fields, the name the 400 must carry)
     ("chat", {"logprobs": 1}, "logprobs"),
     ("chat", {"top_logprobs": 3}, "top_logprobs"),
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ("completions", {"echo": True, "logprobs": 1}, "echo"),
+    ("completions", {"prompt_logprobs": 21}, "prompt_logprobs"),
+    ("completions", {"prompt_logprobs": -1}, "prompt_logprobs"),
+    ("completions", {"prompt_logprobs": True}, "prompt_logprobs"),
+    ("completions", {"prompt_logprobs": 2, "stream": True}, "prompt_logprobs"),
+    ("chat", {"prompt_logprobs": "2"}, "prompt_logprobs"),
+    ("chat", {"prompt_logprobs": 1.5}, "prompt_logprobs"),
     ("completions", {"echo": "yes"}, "echo"),
     ("chat", {"echo": True}, "echo"),
     ("chat", {"n": 129}, "n"),
@@ -298,6 +303,61 @@ def test_echo(client):
     assert streamed == r.choices[0].text
     ids = client.completions.create(model=MODEL, prompt=[[49, 50, 51]], max_tokens=2, temperature=0, echo=True)
     assert ids.choices[0].text.startswith("ABC")
+
+
+def test_echo_with_logprobs_covers_the_prompt_then_the_completion(client, hf_smollm2):
+    import torch
+
+    model, tok = hf_smollm2
+    prompt = "Roses are red, violets are"
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    r = client.completions.create(**kwargs, echo=True)
+    choice, lp = r.choices[0], r.choices[0].logprobs
+    ids = tok.encode(prompt)
+    assert "".join(lp.tokens) == choice.text and choice.text.startswith(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert len(lp.tokens) == len(ids) + 4 and lp.text_offset[0] == 0
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], dim=-1)
+    for p in range(1, len(ids)):
+        assert lp.token_logprobs[p] == pytest.approx(float(ref[p - 1, ids[p]]), abs=2e-3)
+        assert sorted(lp.top_logprobs[p].values(), reverse=True) == pytest.approx(ref[p - 1].topk(2).values.tolist(),
+                                                                                 abs=2e-3)
+    plain = client.completions.create(**kwargs).choices[0].logprobs  # the completion's part, unchanged
+    assert lp.tokens[len(ids):] == plain.tokens and lp.token_logprobs[len(ids):] == pytest.approx(plain.token_logprobs)
+    chunks = list(client.completions.create(**kwargs, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+    streamed = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert streamed == lp.text_offset and chunks[0].choices[0].logprobs.token_logprobs[0] is None
+
+
+def test_prompt_logprobs_in_vllms_shape(api, hf_smollm2):
+    import torch
+
+    model, tok = hf_smollm2
+    r = api.post("/v1/completions", json={"model": MODEL, "prompt": "The sky is", "max_tokens": 2,
+                                          "prompt_logprobs": 3})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    ids = tok.encode("The sky is")
+    got = choice["prompt_logprobs"]
+    assert len(got) == len(ids) and got[0] is None and choice["logprobs"] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], dim=-1)
+    for p in range(1, len(ids)):
+        entry = got[p][str(ids[p])]
+        assert entry["logprob"] == pytest.approx(float(ref[p - 1, ids[p]]), abs=2e-3)
+        assert entry["decoded_token"] == tok.decode([ids[p]]) and entry["rank"] >= 1
+        top = ref[p - 1].topk(3)
+        assert got[p][str(int(top.indices[0]))]["rank"] == 1
+        assert len(got[p]) in (3, 4)  # the top 3, and the prompt token unless it is among them
+    chat = api.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "prompt_logprobs": 0,
+                                                  "messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["prompt_logprobs"][0] is None and all(len(d) == 1 for d in chat["prompt_logprobs"][1:])
+    assert "prompt_logprobs" not in api.post("/v1/completions", json={"model": MODEL, "prompt": "The sky is",
+                                                                      "max_tokens": 2}).json()["choices"][0]
 
 
 def test_n_choices_differ_under_sampling_and_match_under_greedy(client):

@@ -191,6 +191,34 @@ def test_random_llama_tp2_matches_one_process(tmp_path, kv_heads):
     assert (two["preemptions"], two["prefix_cache"]["hits"]) == (one["preemptions"], one["prefix_cache"]["hits"])
 
 
+def test_prompt_logprobs_over_two_ranks_equal_one_process(tmp_path):
+    """Rank 0 asks every rank for the lm_head of the prompt rows, chunk by chunk, as it does for the
+    sampled rows: the same entries as one process, through chunked prefill and preemption."""
+    path = save_tiny_hf_llama(tmp_path / "m", heads=4, kv_heads=2, hidden=64, layers=2, vocab=257)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 257, (n,), generator=g).tolist() for n in (45, 30, 52)]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, prompt_logprobs=3)
+    runs = []
+    for tp in (1, 2):
+        engine = random_engine(path, 2, tp)
+        try:
+            ids = [engine.add_request(p, params) for p in prompts]
+            outs = {}
+            while engine.has_unfinished_requests():
+                outs.update((o.request_id, o) for o in engine.step() if o.finished)
+            preempted = engine.stats()["preemptions"]
+        finally:
+            engine.close()
+        runs.append(([outs[i].prompt_logprobs for i in ids], preempted))
+    (want, one), (got, two) = runs
+    assert one > 0 and two == one
+    for w, g in zip(want, got):
+        assert len(g) == len(w) and g[0] is w[0] is None
+        assert [(e.token_id, e.rank, [t for t, _ in e.top]) for e in g[1:]] == \
+            [(e.token_id, e.rank, [t for t, _ in e.top]) for e in w[1:]]
+        assert [e.logprob for e in g[1:]] == pytest.approx([e.logprob for e in w[1:]], abs=1e-4)
+
+
 def test_every_rank_grows_and_gives_back_its_pool_with_rank_0():
     page = 16 * 2 * 2 * 1 * 32 * 4  # 16 tokens of tiny-llama's one KV head a rank, 2 layers, K and V, float32
     engine = tp_engine(model="tiny-llama", load_format="dummy", max_model_len=64, max_num_seqs=4, page_size=page,

@@ -162,7 +162,7 @@ class VTensorKVCache(KVCache):
         if not self.idle:
             return False
         ids = req.all_token_ids
-        limit = len(ids) - 1  # at least one token is computed: it yields the next token's logits
+        limit = req.cacheable_tokens  # at least the last token is computed: it yields the next token's logits
         found = self.prefix.match(ids, limit) if self.prefix is not None else []
         own = [s for s in found[-1].holders if s in self.idle] if found else []
         if own:  # an idle slot already holds the start: take it, nothing moves (a chat's next turn)
@@ -329,7 +329,7 @@ class VTensorKVCache(KVCache):
         for req in batch.upcoming:  # the idle slot each next admission will take, mapped for its prompt
             if req.request_id in self.prepared:
                 continue
-            if self.prefix is not None and self.prefix.match(req.all_token_ids, req.num_tokens - 1, count=False):
+            if self.prefix is not None and self.prefix.match(req.all_token_ids, req.cacheable_tokens, count=False):
                 self.prepared[req.request_id] = None  # it will reuse cached blocks: nothing to map
                 continue
             slot = self._pick_idle(self.blocks_for(req.num_tokens))

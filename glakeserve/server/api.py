@@ -335,7 +335,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
             except _ClientGone:
                 return Response(status_code=499)
             texts = [e for e in echoed for _ in range(params.n)]  # choice i * n + j is prompt i's sequence j
-            return P.completion_response(rid, name, chosen, texts, P.request_usage(groups, chosen), tok)
+            return P.completion_response(rid, name, chosen, texts, P.request_usage(groups, chosen), tok, echo,
+                                         params.logprobs)
 
         head = P.StreamHead(rid, "text_completion", name, include_usage)
 
@@ -344,6 +345,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
             finals = [None] * len(gens)
             unsent = [e for e in echoed for _ in range(params.n)]  # echoed prompts go with a choice's first chunk
             offsets = [len(e) for e in unsent]  # text_offset of each choice's next token
+            echo_logprobs = [echo and params.logprobs is not None] * len(gens)  # ... and their logprobs
             try:
                 while (item := await fan.next()) is not None:
                     index, out = item
@@ -352,7 +354,12 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Guard:
                         break
                     finals[index] = out if out.finished else None
                     if out.delta_text or out.finished or out.delta_logprobs or unsent[index]:
-                        logprobs = P.completion_logprobs(out.delta_logprobs, tok, offsets[index])
+                        if echo_logprobs[index] and out.delta_logprobs is not None and out.prompt_logprobs is not None:
+                            entries, ids = P.echoed(out, out.delta_logprobs)  # the prompt's tokens from offset 0
+                            logprobs = P.completion_logprobs(entries, tok, 0, ids, params.logprobs)
+                            echo_logprobs[index] = False
+                        else:
+                            logprobs = P.completion_logprobs(out.delta_logprobs, tok, offsets[index])
                         if logprobs is not None and logprobs["tokens"]:
                             offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                         yield sse(P.completion_chunk(head, index, unsent[index] + out.delta_text, P.finish_reason(out),

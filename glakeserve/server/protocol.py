@@ -105,8 +105,8 @@ COMMON = {"model", "stream", "stream_options", "max_tokens", "stop", "stop_token
           *GUIDED_FIELDS,
           *NUMERIC, *BOOLEAN, *UNSUPPORTED}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
-                        "parallel_tool_calls"}
-COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
+                        "parallel_tool_calls", "prompt_logprobs"}
+COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "prompt_logprobs"}
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions (chat: top_logprobs up to 20)
 INT64 = 2**63
 
@@ -162,6 +162,22 @@ def logprobs_setting(body: dict, chat: bool) -> int | None:
     if type(value) is not int or not 0 <= value <= MAX_COMPLETION_LOGPROBS:
         raise ApiError(400, f"logprobs must be an integer in [0, {MAX_COMPLETION_LOGPROBS}] for completions, got "
                             f"{short(value)}", param="logprobs")
+    return value
+
+
+def prompt_logprobs_setting(body: dict, logprobs: int | None, chat: bool) -> int | None:
+    """SamplingParams.prompt_logprobs: vLLM's prompt_logprobs (0-20), else for completions with echo
+    the logprobs setting (the echoed prompt's tokens carry logprobs too), as vLLM does."""
+    value = body.get("prompt_logprobs")
+    if value is None:
+        return logprobs if not chat and body.get("echo") is True else None
+    if type(value) is not int or not 0 <= value <= MAX_LOGPROBS:
+        raise ApiError(400, f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}] or null, got {short(value)}",
+                       param="prompt_logprobs")
+    if body.get("stream"):
+        raise ApiError(400, "prompt_logprobs are not available when stream=true (as in vLLM); drop one of them, "
+                            "or use echo with logprobs on /v1/completions, whose first chunk carries the prompt's",
+                       param="prompt_logprobs")
     return value
 
 
@@ -294,9 +310,6 @@ def echo_flag(body: dict) -> bool:
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise ApiError(400, f"echo must be true or false, got {short(echo)}", param="echo")
-    if echo and body.get("logprobs") not in (None, False):
-        raise ApiError(400, "echo with logprobs would need the prompt's logprobs, which this server does not compute; "
-                            "drop one of them", param="echo")
     return bool(echo)
 
 
@@ -310,7 +323,9 @@ def sampling_params(body: dict, default_max_tokens: int | None, vocab_size: int,
     if forced is not None and guided is not None:
         raise ApiError(400, f"tool_choice {short(body['tool_choice'])} forces a tool call, which cannot be combined "
                             f"with {guided_field(body)}", param="tool_choice")
-    kwargs: dict = {"logprobs": logprobs_setting(body, chat), "guided": forced or guided}
+    logprobs = logprobs_setting(body, chat)
+    kwargs: dict = {"logprobs": logprobs, "prompt_logprobs": prompt_logprobs_setting(body, logprobs, chat),
+                    "guided": forced or guided}
     for key, kind in NUMERIC.items():
         if body.get(key) is not None:
             kwargs[key] = _number(key, body[key], kind)
@@ -531,19 +546,52 @@ def chat_logprobs(entries: list[TokenLogprob] | None, tok) -> dict | None:
                         for e in entries]}
 
 
-def completion_logprobs(entries: list[TokenLogprob] | None, tok, offset: int) -> dict | None:
+def completion_logprobs(entries: list[TokenLogprob | None] | None, tok, offset: int, ids: list[int] | None = None,
+                        k: int | None = None) -> dict | None:
     """{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"} (completions);
-    offset: characters of text before the first of these tokens."""
+    offset: characters of text before the first of these tokens. An entry may be None (an echoed
+    prompt's first token: null logprob and top_logprobs), its token then given by ids (the entries'
+    token ids); k: top tokens shown per entry (a prompt's entries may hold more)."""
     if entries is None:
         return None
-    tokens = [tok.token_text(e.token_id) for e in entries]
+    ids = ids if ids is not None else [e.token_id for e in entries]
+    tokens = [tok.token_text(t) for t in ids]
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries],
-            "top_logprobs": [{tok.token_text(t): _finite(lp) for t, lp in e.top} for e in entries],
+    return {"tokens": tokens, "token_logprobs": [None if e is None else _finite(e.logprob) for e in entries],
+            "top_logprobs": [None if e is None else {tok.token_text(t): _finite(lp) for t, lp in e.top[:k]}
+                             for e in entries],
             "text_offset": offsets}
+
+
+def echoed(out: RequestOutput, entries: list[TokenLogprob]) -> tuple[list[TokenLogprob | None], list[int]]:
+    """An echoed choice's logprob entries, the prompt's (None for its first token) then `entries`, and
+    their token ids (completion_logprobs' entries and ids)."""
+    return out.prompt_logprobs + entries, out.prompt_token_ids + [e.token_id for e in entries]
+
+
+def prompt_logprobs_json(entries: list[TokenLogprob | None] | None, tok) -> list | None:
+    """vLLM's prompt_logprobs: null for the first token, then per token {token id: {"logprob", "rank",
+    "decoded_token"}} for the prompt token and the top k (a top token's rank is its place)."""
+    if entries is None:
+        return None
+
+    def one(token_id: int, logprob: float, rank: int) -> dict:
+        text = tok.token_text(token_id) if tok is not None else None
+        return {"logprob": _finite(logprob), "rank": rank, "decoded_token": text}
+
+    out = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        d = {str(e.token_id): one(e.token_id, e.logprob, e.rank)}
+        for place, (t, lp) in enumerate(e.top, 1):
+            d.setdefault(str(t), one(t, lp, place))
+        out.append(d)
+    return out
 
 
 def chat_message(out: RequestOutput, reply: tuple[str | None, list[dict]] | None) -> tuple[dict, str | None]:
@@ -558,14 +606,18 @@ def chat_message(out: RequestOutput, reply: tuple[str | None, list[dict]] | None
 
 def chat_response(rid: str, model: str, outs: list[RequestOutput], usage_: dict, tok=None,
                   replies: list | None = None) -> dict:
-    """replies: per choice, (content, tool_calls) when the request's tools were parsed."""
+    """replies: per choice, (content, tool_calls) when the request's tools were parsed. Asked for,
+    prompt_logprobs go beside the choices (vLLM's place: the choices share one prompt)."""
     choices = []
     for i, out in enumerate(outs):
         message, reason = chat_message(out, replies[i] if replies else None)
         choices.append({"index": i, "message": message, "logprobs": chat_logprobs(out.logprobs, tok),
                         "finish_reason": reason, "stop_reason": out.stop_reason})
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+    body = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None, "choices": choices, "usage": usage_}
+    if outs and outs[0].prompt_logprobs is not None:
+        body["prompt_logprobs"] = prompt_logprobs_json(outs[0].prompt_logprobs, tok)
+    return body
 
 
 @dataclasses.dataclass(frozen=True)
@@ -598,16 +650,25 @@ def chat_chunk(head: StreamHead, delta: dict, reason: str | None, logprobs: dict
     return head.chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}])
 
 
-def completion_response(rid: str, model: str, outs: list[RequestOutput], echoed: list[str], usage_: dict,
-                        tok=None) -> dict:
-    """echoed: per choice, the prompt text put before its completion (echo=true), or ""."""
-    return {
-        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "system_fingerprint": None,
-        "choices": [{"index": i, "text": e + o.text, "logprobs": completion_logprobs(o.logprobs, tok, len(e)),
-                     "finish_reason": finish_reason(o), "stop_reason": o.stop_reason}
-                    for i, (o, e) in enumerate(zip(outs, echoed))],
-        "usage": usage_,
-    }
+def completion_response(rid: str, model: str, outs: list[RequestOutput], texts: list[str], usage_: dict,
+                        tok=None, echo: bool = False, k: int | None = None) -> dict:
+    """texts: per choice, the prompt text put before its completion (echo=true), or "". With echo and
+    logprobs (top k), a choice's logprobs cover its prompt's tokens, then its completion's. A choice
+    whose request asked for prompt logprobs carries them too (vLLM's prompt_logprobs)."""
+    choices = []
+    for i, (o, text) in enumerate(zip(outs, texts)):
+        if echo and o.logprobs is not None and o.prompt_logprobs is not None:
+            entries, ids = echoed(o, o.logprobs)
+            logprobs = completion_logprobs(entries, tok, 0, ids, k)
+        else:
+            logprobs = completion_logprobs(o.logprobs, tok, len(text))
+        choice = {"index": i, "text": text + o.text, "logprobs": logprobs, "finish_reason": finish_reason(o),
+                  "stop_reason": o.stop_reason}
+        if o.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = prompt_logprobs_json(o.prompt_logprobs, tok)
+        choices.append(choice)
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": None, "choices": choices, "usage": usage_}
 
 
 def completion_chunk(head: StreamHead, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
