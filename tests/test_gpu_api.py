@@ -47,6 +47,28 @@ def test_logprobs_on_gpu_equal_the_cpu_engine(tiny):
             assert [v for _, v in b.top] == pytest.approx([v for _, v in a.top], abs=1e-3)
 
 
+def test_penalties_and_prompt_logprobs_on_gpu_equal_the_cpu_engine(tiny):
+    """Penalty counts live on the device (updated by each step's tokens, a step in flight) and
+    prompt logprobs cross pinned memory: both against the CPU engine on the same weights."""
+    rng = random.Random()
+    prompts = [[rng.randrange(3, 60) for _ in range(n)] for n in (7, 50, 140)]  # small ids: repeats
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3,
+                             frequency_penalty=0.4, presence_penalty=0.3, prompt_logprobs=k) for k in (0, 3, 5)]
+    got = {}
+    for device in ("cpu", "cuda"):
+        engine = llm(tiny, device)
+        try:
+            got[device] = engine.generate(prompts, params)
+        finally:
+            engine.close()
+    for cpu, gpu in zip(got["cpu"], got["cuda"]):
+        assert gpu.token_ids == cpu.token_ids
+        assert len(gpu.prompt_logprobs) == len(cpu.prompt_logprobs) and gpu.prompt_logprobs[0] is None
+        for a, b in zip(cpu.prompt_logprobs[1:], gpu.prompt_logprobs[1:]):
+            assert b.token_id == a.token_id and b.logprob == pytest.approx(a.logprob, abs=1e-3)
+            assert [t for t, _ in b.top] == [t for t, _ in a.top]
+
+
 def test_logit_bias_and_n_sequences_on_gpu(tiny):
     engine = llm(tiny, "cuda")
     try:
