@@ -112,20 +112,15 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 @triton.jit
 def _attend_tiles(acc, m_i, l_i, qv, q_pos, k_cache, v_cache, slot, kv_head, n_start, n_stop, c_slot, c_block, c_pos,
                   c_head, block_table, bt_row, d, d_mask, scale, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PAGED: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+                  PAGED: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over keys [n_start, n_stop), rows of qv against tiles of BLOCK_N keys. MASK: 0
-    none (the range is whole tiles of valid keys: loads without predicates, which pipeline better,
-    when EVEN_D says the head dim fills BLOCK_D), 1 keys past n_stop, 2 those and keys past each
-    row's q_pos."""
+    none (the range is whole tiles), 1 keys past n_stop, 2 those and keys past each row's q_pos."""
     for n0 in range(n_start, n_stop, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < n_stop
         tok = _token_offsets(n, n_mask, slot, c_slot, c_block, c_pos, block_table, bt_row, PAGED, PAGE)
         offs = tok[:, None] + kv_head * c_head + d[None, :]
-        if MASK == 0 and EVEN_D:
-            kt = tl.load(k_cache + offs)
-        else:
-            kt = tl.load(k_cache + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        kt = tl.load(k_cache + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         s = tl.dot(qv, tl.trans(kt), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
         if MASK == 1:
             s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -135,10 +130,7 @@ def _attend_tiles(acc, m_i, l_i, qv, q_pos, k_cache, v_cache, slot, kv_head, n_s
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if MASK == 0 and EVEN_D:
-            vt = tl.load(v_cache + offs)
-        else:
-            vt = tl.load(v_cache + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        vt = tl.load(v_cache + offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -173,13 +165,9 @@ def _decode_split_kernel(q, k_cache, v_cache, slot_ids, context_lens, part_out, 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    whole = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # whole tiles, then the masked rest
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, qv, g, k_cache, v_cache, slot, kv_head, start, whole, c_slot,
-                                  c_block, c_pos, c_head, block_table, bt_row, d, d_mask, scale, 0, BLOCK_N, PAGED,
-                                  PAGE, PRECISION, BLOCK_D == HEAD_DIM)
-    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, qv, g, k_cache, v_cache, slot, kv_head, whole, end, c_slot, c_block,
+    acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, qv, g, k_cache, v_cache, slot, kv_head, start, end, c_slot, c_block,
                                   c_pos, c_head, block_table, bt_row, d, d_mask, scale, 1, BLOCK_N, PAGED, PAGE,
-                                  PRECISION, BLOCK_D == HEAD_DIM)
+                                  PRECISION)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))  # log2 units
@@ -292,10 +280,10 @@ def _extend_kernel(q, k_cache, v_cache, out, slot_ids, query_start, query_lens, 
     full = (prefix + mblock * BLOCK_M) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, qv, q_pos, k_cache, v_cache, slot, kv_head, 0, full, c_slot, c_block,
                                   c_pos, c_head, block_table, bt_row, d, d_mask, scale, 0, BLOCK_N, PAGED, PAGE,
-                                  PRECISION, BLOCK_D == HEAD_DIM)
+                                  PRECISION)
     acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, qv, q_pos, k_cache, v_cache, slot, kv_head, full, last, c_slot,
                                   c_block, c_pos, c_head, block_table, bt_row, d, d_mask, scale, 2, BLOCK_N, PAGED,
-                                  PAGE, PRECISION, BLOCK_D == HEAD_DIM)
+                                  PAGE, PRECISION)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out + q_rows[:, None] * o_tok + h * o_head + d[None, :], o.to(out.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
