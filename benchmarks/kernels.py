@@ -82,7 +82,7 @@ def paged_caches(cfg, batch, ctx):
     return (k, v, table, torch.arange(batch, device="cuda")), None
 
 
-def decode_point(cfg, layout, batch, ctx, splits_for, block_n: int = 64) -> dict | None:
+def decode_point(cfg, layout, batch, ctx, splits_for, block_n: int = 32) -> dict | None:
     kv_bytes = batch * ctx * 2 * cfg.num_kv_heads * cfg.head_dim * 2  # K and V of one layer, bf16
     alloc = batch * ctx * (2 * cfg.num_kv_heads * cfg.head_dim * 2 if layout == "per-layer"
                            else cfg.kv_bytes_per_token * 2)
@@ -105,8 +105,8 @@ def decode_point(cfg, layout, batch, ctx, splits_for, block_n: int = 64) -> dict
             "GBps": kv_bytes / t / 1e9}
 
 
-PREFILL_CONFIGS = [  # (block_m, block_n, num_warps, num_stages)
-    (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+PREFILL_CONFIGS = [  # (block_m, block_n, num_warps, num_stages); the first is the wrapper's default
+    (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
     (128, 32, 4, 4), (128, 64, 8, 4)]
 
 

@@ -204,10 +204,13 @@ def num_decode_splits(batch: int, kv_heads: int, max_context: int, sms: int = 13
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
                      context_lens: torch.Tensor, num_splits: int, out: torch.Tensor | None = None,
-                     scratch: tuple[torch.Tensor, torch.Tensor] | None = None, block_n: int = 64,
+                     scratch: tuple[torch.Tensor, torch.Tensor] | None = None, block_n: int = 32,
                      block_table: torch.Tensor | None = None) -> torch.Tensor:
     """q [batch, heads, dim] (one token per sequence) -> [batch, heads, dim]. Reads only each slot's
-    first context_lens[b] positions. num_splits is fixed by the caller (a CUDA graph keeps its grid)."""
+    first context_lens[b] positions. num_splits is fixed by the caller (a CUDA graph keeps its grid).
+    Tiles of 32 keys: as fast as 64 or faster at every batch and context of the H100 sweep
+    (`benchmarks/kernels.py --decode-sweep`; 2x at batch 1 x 4096, where fewer, longer tiles leave
+    the GPU waiting on each one)."""
     check_cache(k_cache, v_cache)
     bt, bt_row, paged, page, c_slot, c_block, c_pos, c_head = _geometry(block_table, k_cache)
     B, H, D = q.shape
@@ -292,10 +295,12 @@ def _extend_kernel(q, k_cache, v_cache, out, slot_ids, query_start, query_lens, 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
                      query_start: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Tensor,
                      max_query_len: int, out: torch.Tensor | None = None, block_m: int = 128,
-                     block_n: int = 64, block_table: torch.Tensor | None = None, num_warps: int | None = None,
-                     num_stages: int = 3) -> torch.Tensor:
+                     block_n: int | None = None, block_table: torch.Tensor | None = None,
+                     num_warps: int | None = None, num_stages: int = 3) -> torch.Tensor:
     """q [tokens, heads, dim] for all sequences back to back -> [tokens, heads, dim]. The new
-    tokens' K and V must already be in the caches (store_kv first)."""
+    tokens' K and V must already be in the caches (store_kv first). Default tiles: 128 queries x 128
+    keys with 8 warps where a query is that long, else 64 keys with 4 warps (the best of the H100
+    sweep, `benchmarks/kernels.py --sweep`: 128 x 64 ran 10% slower, 64 x 128 a third slower)."""
     check_cache(k_cache, v_cache)
     bt, bt_row, paged, page, c_slot, c_block, c_pos, c_head = _geometry(block_table, k_cache)
     T, H, D = q.shape
@@ -309,6 +314,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if T == 0:
         return out
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
+    block_n = block_n or (128 if block_m >= 128 else 64)
     grid = (triton.cdiv(max_query_len, block_m), B, H)
     _extend_kernel[grid](
         q, k_cache, v_cache, out, slot_ids, query_start, query_lens, context_lens, bt, bt_row, q.stride(0),
