@@ -153,20 +153,20 @@ class LLMEngine:
                                     lookahead_tokens=config.lookahead_tokens, pool_class=pool_class)
             if self.tp is not None:
                 self.tp.attach_kv(self.kv)  # every other rank builds a pool of the same size
-        except BaseException:
+            self.attn = make_backend(config.attention_backend, self.device, kv_cfg.num_kv_heads)
+            self.scheduler = Scheduler(self.kv, self.max_num_seqs, self.max_num_batched_tokens, self.eos_token_ids)
+            graphs = 0 if config.enforce_eager or self.tp is not None else \
+                min(config.cuda_graph_max_batch or self.max_num_seqs, self.max_num_seqs)
+            if config.time_gpu_steps and not gpu:
+                raise ValueError("time_gpu_steps times the GPU's work with CUDA events: it needs device cuda")
+            self.clock = PhaseClock()
+            self.timeline = DeviceTimeline() if config.time_gpu_steps else None
+            self.runner = ModelRunner(self.model, self.kv, self.attn, self.eos_token_ids, cuda_graph_max_batch=graphs,
+                                      clock=self.clock, timeline=self.timeline, tp=self.tp)
+        except BaseException as e:
             if self.tp is not None:  # no rank outlives a failed start
-                self.tp.close()
+                self.tp.close(error=e)
             raise
-        self.attn = make_backend(config.attention_backend, self.device, kv_cfg.num_kv_heads)
-        self.scheduler = Scheduler(self.kv, self.max_num_seqs, self.max_num_batched_tokens, self.eos_token_ids)
-        graphs = 0 if config.enforce_eager or self.tp is not None else \
-            min(config.cuda_graph_max_batch or self.max_num_seqs, self.max_num_seqs)
-        if config.time_gpu_steps and not gpu:
-            raise ValueError("time_gpu_steps times the GPU's work with CUDA events: it needs device cuda")
-        self.clock = PhaseClock()
-        self.timeline = DeviceTimeline() if config.time_gpu_steps else None
-        self.runner = ModelRunner(self.model, self.kv, self.attn, self.eos_token_ids, cuda_graph_max_batch=graphs,
-                                  clock=self.clock, timeline=self.timeline)
         self.async_scheduling = gpu if config.async_scheduling is None else config.async_scheduling
         self._in_flight: LaunchedStep | None = None
         self.last_path = ""  # "graph" or "eager": how the last launched step ran
@@ -453,9 +453,14 @@ class LLMEngine:
         return self.kv.set_limit(max_bytes)
 
     def close(self) -> None:
-        if self._in_flight is not None:
-            self.runner.read(self._in_flight)
-            self._in_flight = None
-        self.kv.close()
-        if self.tp is not None:
-            self.tp.close()
+        """Ends the engine: every rank stopped and every pool given back, also after an error."""
+        step, self._in_flight = self._in_flight, None
+        try:
+            if step is not None and (self.tp is None or not self.tp.failed):
+                self.runner.read(step)
+        finally:
+            try:
+                self.kv.close()
+            finally:
+                if self.tp is not None:
+                    self.tp.close()

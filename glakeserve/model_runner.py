@@ -146,8 +146,10 @@ class LaunchedStep:
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, attn: AttentionBackend, eos_token_ids: tuple[int, ...],
                  cuda_graph_max_batch: int = 0, clock: PhaseClock | None = None,
-                 timeline: DeviceTimeline | None = None):
+                 timeline: DeviceTimeline | None = None, tp=None):
+        """tp: rank 0's distributed.workers.TensorParallel (model is then its RankModel), or None."""
         self.model = model
+        self.tp = tp
         self.clock = clock or PhaseClock()
         self.timeline = timeline
         self.kv = kv
@@ -219,7 +221,10 @@ class ModelRunner:
         """The step's sampled tokens, one per sampler, and their logprobs (None for a sampler that did
         not ask). Waits for the device: the one wait of a step."""
         if step.event is not None:
-            step.event.synchronize()
+            if self.tp is not None:
+                self.tp.wait(step.event)  # notices a rank that died (NCCL would wait for it forever)
+            else:
+                step.event.synchronize()
             if step.start is not None:
                 self.timeline.add(step.start, step.event)
         self.clock.lap("gpu_wait")

@@ -1,7 +1,8 @@
 """Tensor parallelism on the CPU (gloo): greedy outputs equal one process's token for token, with
 chunked prefill, preemption, aborts and prefix caching, the books of every rank's pool checked
-after every step; sizes that do not divide the model are refused; a rank that fails stops the
-engine with an error naming it, and no process outlives the engine.
+after every step; sizes that do not divide the model are refused;
+a rank that fails, dies or hangs stops the engine with an error naming it, also while rank 0 waits
+for its device as it does under NCCL, and no process outlives the engine.
 
 Bounded in time: collectives time out (tensor_parallel_timeout), and a watchdog ends the whole run
 with a traceback if a test still hangs."""
@@ -240,12 +241,84 @@ def test_a_rank_that_dies_stops_the_engine_naming_it():
         engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
         engine.step()
         os.kill(procs[0].pid, signal.SIGKILL)
-        procs[0].join(5)
+        start = time.monotonic()
         with pytest.raises(TensorParallelError, match="tensor-parallel rank 1 died \\(killed by SIGKILL\\)"):
             while engine.has_unfinished_requests():
                 engine.step()
+        assert time.monotonic() - start < 10
     finally:
         engine.close()
+    assert not any(p.is_alive() for p in procs)
+
+
+class NeverDone:
+    """A step's device event whose kernels wait for a peer that is gone, as NCCL's would: it
+    never completes."""
+
+    def query(self) -> bool:
+        return False
+
+
+def waiting_for_the_device(engine: LLMEngine):
+    """What rank 0's engine thread does between launching a step and using its tokens."""
+    from glakeserve.model_runner import LaunchedStep
+
+    return engine.runner.read(LaunchedStep(None, None, NeverDone(), "graph"))
+
+
+def test_a_rank_that_dies_is_noticed_at_once_and_ends_rank_0s_wait():
+    """The watcher sees the process end and aborts the communicator (under NCCL that ends the
+    kernels waiting for it, and every host wait on them), destroying the CUDA graphs first; a wait
+    for the device then raises, naming the rank, instead of polling on."""
+    engine = dummy_tp2()
+    procs = list(engine.tp.procs.values())
+    released = []
+    engine.tp.before_abort.append(lambda: released.append(time.monotonic()))
+    try:
+        os.kill(procs[0].pid, signal.SIGKILL)
+        start = time.monotonic()
+        while not engine.tp.lost and time.monotonic() - start < 5:
+            time.sleep(0.01)
+        assert engine.tp.lost and engine.tp.aborted and len(released) == 1
+        released.clear()
+        with pytest.raises(TensorParallelError, match=r"tensor-parallel rank 1 died \(killed by SIGKILL\)"):
+            waiting_for_the_device(engine)
+        assert time.monotonic() - start < 5
+        with pytest.raises(TensorParallelError, match="rank 1 died"):  # and every later call
+            engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+            engine.step()
+    finally:
+        engine.close()
+    assert released and not any(p.is_alive() for p in procs)  # close releases graphs again (a no-op then)
+
+
+def test_a_rank_that_fails_while_rank_0_waits_for_the_device_is_named():
+    engine = dummy_tp2()
+    procs = list(engine.tp.procs.values())
+    try:
+        engine.tp.send(("ops", [("map", [(7, 0, 1)])]))  # rank 1 has no 8th vTensor: it raises IndexError
+        start = time.monotonic()
+        with pytest.raises(TensorParallelError, match=r"tensor-parallel rank 1 failed: IndexError"):
+            waiting_for_the_device(engine)
+        assert time.monotonic() - start < 10
+    finally:
+        engine.close()
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_a_rank_that_hangs_ends_rank_0s_wait_for_the_device_after_the_timeout():
+    engine = dummy_tp2(tensor_parallel_timeout=2)
+    procs = list(engine.tp.procs.values())
+    try:
+        os.kill(procs[0].pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(TensorParallelError, match=r"rank\(s\) 1 stopped answering: rank 0's step did not complete "
+                                                      r"within tensor_parallel_timeout=2 s \(hung\?\)"):
+            waiting_for_the_device(engine)
+        assert 2 <= time.monotonic() - start < 10
+    finally:
+        engine.close()
+    assert not any(p.is_alive() for p in procs)
 
 
 def test_a_hung_rank_times_out():
