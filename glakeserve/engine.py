@@ -86,9 +86,6 @@ def start_tensor_parallel(config: EngineConfig, source: ModelSource, cfg, dtype:
     if config.kv_layout == "paged":
         raise ValueError("the paged KV baseline serves one device only: use a vTensor kv_layout with "
                          "tensor_parallel_size > 1")
-    if config.cuda_graph_max_batch:
-        raise ValueError("CUDA graphs are not captured with tensor_parallel_size > 1 (each step's batch reaches the "
-                         "other ranks over a pipe): leave cuda_graph_max_batch unset")
     if source.gguf is not None:
         raise ValueError("load_format gguf runs a GGUF's quantized tensors in one CPU process and does not shard "
                          "them: use load_format auto with tensor_parallel_size > 1")
@@ -155,8 +152,9 @@ class LLMEngine:
                 self.tp.attach_kv(self.kv)  # every other rank builds a pool of the same size
             self.attn = make_backend(config.attention_backend, self.device, kv_cfg.num_kv_heads)
             self.scheduler = Scheduler(self.kv, self.max_num_seqs, self.max_num_batched_tokens, self.eos_token_ids)
-            graphs = 0 if config.enforce_eager or self.tp is not None else \
-                min(config.cuda_graph_max_batch or self.max_num_seqs, self.max_num_seqs)
+            # decode CUDA graphs (GPU only); under tensor parallelism every rank captures and replays them
+            graphs = 0 if config.enforce_eager else min(config.cuda_graph_max_batch or self.max_num_seqs,
+                                                        self.max_num_seqs)
             if config.time_gpu_steps and not gpu:
                 raise ValueError("time_gpu_steps times the GPU's work with CUDA events: it needs device cuda")
             self.clock = PhaseClock()

@@ -1,6 +1,7 @@
 """Tensor parallelism on the CPU (gloo): greedy outputs equal one process's token for token, with
 chunked prefill, preemption, aborts and prefix caching, the books of every rank's pool checked
-after every step; sizes that do not divide the model are refused;
+after every step, and with decode "graphs" replayed on every rank (on the CPU a replay reruns the
+forward: the protocol of GPU graphs without a GPU); sizes that do not divide the model are refused;
 a rank that fails, dies or hangs stops the engine with an error naming it, also while rank 0 waits
 for its device as it does under NCCL, and no process outlives the engine.
 
@@ -22,6 +23,7 @@ from rich.console import Console
 from glakeserve.cli.memory_view import render_snapshot
 from glakeserve.distributed.shard import TPShard, check_tensor_parallel_size
 from glakeserve.distributed.workers import TensorParallelError
+from glakeserve import model_runner
 from glakeserve.engine import EngineConfig, LLMEngine
 from glakeserve.model.config import DUMMY_SHAPES
 from glakeserve.model.loader import dummy_weights
@@ -190,6 +192,41 @@ def test_random_llama_tp2_matches_one_process(tmp_path, kv_heads):
     assert got == want
     assert isinstance(got[1], tuple) and got[1][0] == "aborted"
     assert (two["preemptions"], two["prefix_cache"]["hits"]) == (one["preemptions"], one["prefix_cache"]["hits"])
+
+
+def test_decode_graph_replays_on_every_rank_match_one_process(tmp_path, monkeypatch):
+    """Rank 0 captures decode graphs, every other rank the same sizes in the same order, and each
+    decode step replays the padded size on every rank (rank 0 announces it; the others pad their
+    batch as rank 0 did and take rank 0's token ids inside the replay). On the CPU a replay reruns
+    the forward on the graph's input buffers, so the protocol runs here as it would on GPUs."""
+    path = save_tiny_hf_llama(tmp_path / "m", heads=4, kv_heads=2, hidden=64, layers=2, vocab=257)
+    g = torch.Generator().manual_seed(7)
+    shared = torch.randint(3, 257, (32,), generator=g).tolist()
+    prompts = [shared + torch.randint(3, 257, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    prompts += [torch.randint(3, 257, (n,), generator=g).tolist() for n in (40, 7)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    engine = random_engine(path, 2, 1)  # plain eager steps
+    try:
+        want = finish(engine, prompts, params, abort={1: 12})
+    finally:
+        engine.close()
+    monkeypatch.setattr(model_runner, "decode_graphs_supported", lambda device, attn: True)
+    engine = random_engine(path, 2, 2)
+    procs = list(engine.tp.procs.values())
+    try:
+        graphs = engine.runner.graphs
+        assert graphs is not None and graphs.sizes == [1, 2, 4]
+        batches = []
+        run = graphs.run
+        graphs.run = lambda staging, ids, slots, lens: (batches.append(len(ids)), run(staging, ids, slots, lens))[1]
+        got = finish(engine, prompts, params, abort={1: 12})
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert got == want
+    assert len(batches) > 10 and 3 in batches  # decode steps replayed, one of them padded to 4 rows
+    assert stats["preemptions"] > 0
+    assert not any(p.is_alive() for p in procs)
 
 
 def test_every_rank_grows_and_gives_back_its_pool_with_rank_0():

@@ -241,6 +241,24 @@ class TensorParallel:
                 f"tensor-parallel rank(s) {alive} stopped answering: rank 0's step did not complete within "
                 f"tensor_parallel_timeout={self.timeout_s:g} s (hung?)"))
 
+    def start_graphs(self, max_batch: int) -> None:
+        """Every other rank captures decode graphs for the sizes DecodeGraphs picks for max_batch, in
+        rank 0's order (each capture's collectives pair with rank 0's)."""
+        self.send(("graphs", max_batch))
+
+    def graphs_ready(self, sizes: list[int]) -> None:
+        for _, rank, theirs in self._expect("graphs-ready"):
+            if theirs != sizes:
+                raise self._fail(TensorParallelError(f"tensor-parallel rank {rank} captured decode graphs for sizes "
+                                                     f"{theirs}, rank 0 for {sizes}"))
+
+    def replay(self, graph, size: int, slots: list[int], lens: list[int]) -> None:
+        """Replays rank 0's decode graph of `size` rows after telling the other ranks to replay
+        theirs for the same batch (they pad it as rank 0 did)."""
+        with self.issuing():
+            self.send(("replay", self.take_ops(), slots, lens, size))
+            graph.replay()
+
     # ----- failure ----------------------------------------------------------------------------
     def _check(self) -> None:
         """Raises the engine's error, if it has one (or finds it, when the watcher saw a rank go)."""
@@ -391,8 +409,7 @@ class RankModel:
         with tp.issuing():
             tp.send(("step", tp.take_ops(), meta.slot_ids_host, meta.query_lens_host, meta.context_lens_host,
                      input_ids.numel()))
-            tp.group.broadcast(input_ids)
-            return self.shard.forward(input_ids, positions, kv_cache, attn, meta)
+            return self.shard.forward(input_ids, positions, kv_cache, attn, meta)  # broadcasts the ids first
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         tp = self.tp
@@ -414,10 +431,17 @@ def _exit_reason(code: int) -> str:
 # ----- ranks 1..N-1 --------------------------------------------------------------------------
 class RankWorker:
     def __init__(self, rank: int, spec: RankSpec, group: TPGroup, model, conn):
+        from glakeserve.model_runner import HostStaging
+
         self.rank, self.spec, self.group, self.model, self.conn = rank, spec, group, model, conn
         self.device = rank_device(spec.device, rank)
-        self.kv = self.attn = self.replayer = None
+        self.kv = self.attn = self.replayer = self.graphs = None
         self.last_event = None  # after this rank's last launched step (GPU)
+        # inputs go to the device as rank 0's do: through pinned buffers, no host sync; a set is
+        # reused once the step that used it last (two steps back) has completed
+        self.staging = [HostStaging(self.device), HostStaging(self.device)]
+        self.staged: list = [None, None]  # the event of the step that used each set
+        self._turn = 0
 
     def build_kv(self, args: dict) -> None:
         from glakeserve.attention import make_backend
@@ -426,17 +450,55 @@ class RankWorker:
         self.kv = make_kv_cache(args.pop("layout"), args.pop("cfg"), args.pop("dtype"), self.device, **args)
         self.attn = make_backend(self.spec.attention_backend, self.device, self.kv.cfg.num_kv_heads)
         self.replayer = Replayer(self.kv.pool, self.kv.vtensors)
+        if self.device.type == "cuda" and self.kv.block_table is None:  # as rank 0's runner: compile now
+            self.attn.warm_up(self.kv.k_cache(0), self.kv.v_cache(0), self.model.cfg.num_heads, self.kv.padding_slot())
+
+    def _take_staging(self):
+        turn, self._turn = self._turn, self._turn ^ 1
+        if self.staged[turn] is not None:
+            self.staged[turn].synchronize()  # long done, as a rule (rank 0 has read that step)
+        staging = self.staging[turn]
+        staging.reset()
+        return staging, turn
+
+    def _launched(self, turn: int) -> None:
+        if self.device.type == "cuda":
+            self.last_event = torch.cuda.Event()
+            self.last_event.record()
+            self.staged[turn] = self.last_event
 
     @torch.inference_mode()
     def step(self, ops, slots, qlens, ctxs, num_tokens: int) -> None:
         self.replayer.apply(ops, after=self.last_event)
         self.replayer.wait()
-        meta = self.attn.prepare_metadata(slots, qlens, ctxs, self.device, block_table=None)
-        ids = self.group.broadcast(torch.empty(num_tokens, dtype=torch.int64, device=self.device))
+        staging, turn = self._take_staging()
+        meta = self.attn.prepare_metadata(slots, qlens, ctxs, self.device, block_table=None, to_device=staging.put)
+        ids = torch.empty(num_tokens, dtype=torch.int64, device=self.device)  # the model broadcasts rank 0's into it
         self.model.forward(ids, meta.positions, self.kv, self.attn, meta)
-        if self.device.type == "cuda":
-            self.last_event = torch.cuda.Event()
-            self.last_event.record()
+        self._launched(turn)
+
+    @torch.inference_mode()
+    def capture_graphs(self, max_batch: int) -> list[int]:
+        """Decode graphs for the sizes rank 0 captures, in its order (see DecodeGraphs)."""
+        from glakeserve.model_runner import DecodeGraphs
+
+        self.replayer.wait_all()  # no mapping job runs during a capture
+        last_token = torch.zeros(self.kv.num_slots, dtype=torch.int64, device=self.device)  # unread: rank 0 sends ids
+        self.graphs = DecodeGraphs(self.model, self.kv, self.attn, max_batch, last_token)
+        self.graphs.capture()
+        return self.graphs.sizes
+
+    @torch.inference_mode()
+    def replay(self, ops, slots, lens, size: int) -> None:
+        """Rank 0 replays its graph of `size` rows for this decode batch: the same here."""
+        self.replayer.apply(ops, after=self.last_event)
+        self.replayer.wait()
+        if self.graphs.size_for(len(slots)) != size:
+            raise RuntimeError(f"rank 0 replays its decode graph of {size} rows for {len(slots)} sequences, this rank "
+                               f"would pick {self.graphs.size_for(len(slots))}")
+        staging, turn = self._take_staging()
+        self.graphs.run(staging, [0] * len(slots), slots, lens)  # placeholder ids: the graph broadcasts rank 0's
+        self._launched(turn)
 
     @torch.inference_mode()
     def logits(self, rows: int) -> None:
@@ -454,6 +516,8 @@ class RankWorker:
             kind = msg[0]
             if kind == "step":
                 self.step(*msg[1:])
+            elif kind == "replay":
+                self.replay(*msg[1:])
             elif kind == "logits":
                 self.logits(msg[1])
             elif kind == "ops":
@@ -469,12 +533,16 @@ class RankWorker:
             elif kind == "kv":
                 self.build_kv(msg[1])
                 conn.send(("kv-ready", self.rank))
+            elif kind == "graphs":
+                conn.send(("graphs-ready", self.rank, self.capture_graphs(msg[1])))
             elif kind == "close":
                 return
             else:
                 raise ValueError(f"unknown message {kind!r}")
 
     def close(self) -> None:
+        if self.graphs is not None:
+            self.graphs.release()
         if self.replayer is not None:
             self.replayer.wait_all()
         if self.kv is not None:
