@@ -384,8 +384,10 @@ class LLMEngine:
         )
 
     # ----- inspection -------------------------------------------------------------------------
-    def stats(self) -> dict:
-        """Live numbers for the CLI, the server and the benchmarks: one read-only call."""
+    def stats(self, ranks: bool = True) -> dict:
+        """Live numbers for the CLI, the server and the benchmarks: one read-only call.
+        ranks: every rank's pool too under tensor parallelism (a round trip to every rank, which
+        waits for its last step; a benchmark's timeline leaves it out)."""
         kv = self.kv.stats()
         prefix = None
         if kv.prefix is not None:
@@ -417,7 +419,7 @@ class LLMEngine:
             "device_timeline": self.timeline.stats() if self.timeline is not None else None,
             "pool": kv.pool,
             "tensor_parallel_size": self.config.tensor_parallel_size,
-            "rank_pools": self.tp.rank_pools() if self.tp is not None else None,  # every rank's pool, rank 0 first
+            "rank_pools": self.tp.rank_pools() if self.tp is not None and ranks else None,  # every rank's pool, rank 0 first
             "slots": self.kv.slot_stats(self.scheduler.tokens_held()),
             "kv_pages": {"total": kv.total_pages, "free": kv.free_pages, "requests": kv.request_pages,
                          "cached": kv.cached_pages},

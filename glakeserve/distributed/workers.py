@@ -150,14 +150,16 @@ class TensorParallel:
 
     def _expect(self, kind: str) -> list:
         """Waits for every other rank's reply `kind`; a rank's error or death raises."""
+        from multiprocessing.connection import wait
+
         self._check()
         replies = {}
         deadline = time.monotonic() + self.timeout_s
         try:
             while len(replies) < len(self.conns):
-                for rank, conn in self.conns.items():
-                    if rank in replies or not conn.poll(0.01):
-                        continue
+                waiting = {conn: rank for rank, conn in self.conns.items() if rank not in replies}
+                for conn in wait(list(waiting), timeout=0.05):  # returns as soon as one has answered
+                    rank = waiting[conn]
                     msg = conn.recv()
                     if msg[0] == "error":
                         raise TensorParallelError(f"tensor-parallel rank {rank} failed: {msg[2]}")
