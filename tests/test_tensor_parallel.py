@@ -1,7 +1,9 @@
 """Tensor parallelism on the CPU (gloo): greedy outputs equal one process's token for token, with
 chunked prefill, preemption, aborts and prefix caching, the books of every rank's pool checked
-after every step; sizes that do not divide the model are refused; a rank that fails stops the
-engine with an error naming it, and no process outlives the engine.
+after every step, and with decode "graphs" replayed on every rank (on the CPU a replay reruns the
+forward: the protocol of GPU graphs without a GPU); sizes that do not divide the model are refused;
+a rank that fails, dies or hangs stops the engine with an error naming it, also while rank 0 waits
+for its device as it does under NCCL, and no process outlives the engine.
 
 Bounded in time: collectives time out (tensor_parallel_timeout), and a watchdog ends the whole run
 with a traceback if a test still hangs."""
@@ -21,6 +23,7 @@ from rich.console import Console
 from glakeserve.cli.memory_view import render_snapshot
 from glakeserve.distributed.shard import TPShard, check_tensor_parallel_size
 from glakeserve.distributed.workers import TensorParallelError
+from glakeserve import model_runner
 from glakeserve.engine import EngineConfig, LLMEngine
 from glakeserve.model.config import DUMMY_SHAPES
 from glakeserve.model.loader import dummy_weights
@@ -219,6 +222,41 @@ def test_prompt_logprobs_over_two_ranks_equal_one_process(tmp_path):
         assert [e.logprob for e in g[1:]] == pytest.approx([e.logprob for e in w[1:]], abs=1e-4)
 
 
+def test_decode_graph_replays_on_every_rank_match_one_process(tmp_path, monkeypatch):
+    """Rank 0 captures decode graphs, every other rank the same sizes in the same order, and each
+    decode step replays the padded size on every rank (rank 0 announces it; the others pad their
+    batch as rank 0 did and take rank 0's token ids inside the replay). On the CPU a replay reruns
+    the forward on the graph's input buffers, so the protocol runs here as it would on GPUs."""
+    path = save_tiny_hf_llama(tmp_path / "m", heads=4, kv_heads=2, hidden=64, layers=2, vocab=257)
+    g = torch.Generator().manual_seed(7)
+    shared = torch.randint(3, 257, (32,), generator=g).tolist()
+    prompts = [shared + torch.randint(3, 257, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    prompts += [torch.randint(3, 257, (n,), generator=g).tolist() for n in (40, 7)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    engine = random_engine(path, 2, 1)  # plain eager steps
+    try:
+        want = finish(engine, prompts, params, abort={1: 12})
+    finally:
+        engine.close()
+    monkeypatch.setattr(model_runner, "decode_graphs_supported", lambda device, attn: True)
+    engine = random_engine(path, 2, 2)
+    procs = list(engine.tp.procs.values())
+    try:
+        graphs = engine.runner.graphs
+        assert graphs is not None and graphs.sizes == [1, 2, 4]
+        batches = []
+        run = graphs.run
+        graphs.run = lambda staging, ids, slots, lens: (batches.append(len(ids)), run(staging, ids, slots, lens))[1]
+        got = finish(engine, prompts, params, abort={1: 12})
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert got == want
+    assert len(batches) > 10 and 3 in batches  # decode steps replayed, one of them padded to 4 rows
+    assert stats["preemptions"] > 0
+    assert not any(p.is_alive() for p in procs)
+
+
 def test_every_rank_grows_and_gives_back_its_pool_with_rank_0():
     page = 16 * 2 * 2 * 1 * 32 * 4  # 16 tokens of tiny-llama's one KV head a rank, 2 layers, K and V, float32
     engine = tp_engine(model="tiny-llama", load_format="dummy", max_model_len=64, max_num_seqs=4, page_size=page,
@@ -268,12 +306,84 @@ def test_a_rank_that_dies_stops_the_engine_naming_it():
         engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
         engine.step()
         os.kill(procs[0].pid, signal.SIGKILL)
-        procs[0].join(5)
+        start = time.monotonic()
         with pytest.raises(TensorParallelError, match="tensor-parallel rank 1 died \\(killed by SIGKILL\\)"):
             while engine.has_unfinished_requests():
                 engine.step()
+        assert time.monotonic() - start < 10
     finally:
         engine.close()
+    assert not any(p.is_alive() for p in procs)
+
+
+class NeverDone:
+    """A step's device event whose kernels wait for a peer that is gone, as NCCL's would: it
+    never completes."""
+
+    def query(self) -> bool:
+        return False
+
+
+def waiting_for_the_device(engine: LLMEngine):
+    """What rank 0's engine thread does between launching a step and using its tokens."""
+    from glakeserve.model_runner import LaunchedStep
+
+    return engine.runner.read(LaunchedStep(None, None, NeverDone(), "graph"))
+
+
+def test_a_rank_that_dies_is_noticed_at_once_and_ends_rank_0s_wait():
+    """The watcher sees the process end and aborts the communicator (under NCCL that ends the
+    kernels waiting for it, and every host wait on them), destroying the CUDA graphs first; a wait
+    for the device then raises, naming the rank, instead of polling on."""
+    engine = dummy_tp2()
+    procs = list(engine.tp.procs.values())
+    released = []
+    engine.tp.before_abort.append(lambda: released.append(time.monotonic()))
+    try:
+        os.kill(procs[0].pid, signal.SIGKILL)
+        start = time.monotonic()
+        while not engine.tp.lost and time.monotonic() - start < 5:
+            time.sleep(0.01)
+        assert engine.tp.lost and engine.tp.aborted and len(released) == 1
+        released.clear()
+        with pytest.raises(TensorParallelError, match=r"tensor-parallel rank 1 died \(killed by SIGKILL\)"):
+            waiting_for_the_device(engine)
+        assert time.monotonic() - start < 5
+        with pytest.raises(TensorParallelError, match="rank 1 died"):  # and every later call
+            engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+            engine.step()
+    finally:
+        engine.close()
+    assert released and not any(p.is_alive() for p in procs)  # close releases graphs again (a no-op then)
+
+
+def test_a_rank_that_fails_while_rank_0_waits_for_the_device_is_named():
+    engine = dummy_tp2()
+    procs = list(engine.tp.procs.values())
+    try:
+        engine.tp.send(("ops", [("map", [(7, 0, 1)])]))  # rank 1 has no 8th vTensor: it raises IndexError
+        start = time.monotonic()
+        with pytest.raises(TensorParallelError, match=r"tensor-parallel rank 1 failed: IndexError"):
+            waiting_for_the_device(engine)
+        assert time.monotonic() - start < 10
+    finally:
+        engine.close()
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_a_rank_that_hangs_ends_rank_0s_wait_for_the_device_after_the_timeout():
+    engine = dummy_tp2(tensor_parallel_timeout=2)
+    procs = list(engine.tp.procs.values())
+    try:
+        os.kill(procs[0].pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(TensorParallelError, match=r"rank\(s\) 1 stopped answering: rank 0's step did not complete "
+                                                      r"within tensor_parallel_timeout=2 s \(hung\?\)"):
+            waiting_for_the_device(engine)
+        assert 2 <= time.monotonic() - start < 10
+    finally:
+        engine.close()
+    assert not any(p.is_alive() for p in procs)
 
 
 def test_a_hung_rank_times_out():

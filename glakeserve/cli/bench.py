@@ -72,7 +72,7 @@ def run_glake(llm, reqs: list[BenchRequest], console: Console) -> BenchResult:
                            SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.output_len, ignore_eos=True),
                            arrival_time=t0, stream=False)
     res = BenchResult("glake", 0.0, len(reqs), sum(r.prompt_len for r in reqs), 0)
-    first = engine.stats()  # t = 0: every request queued, nothing run yet (the plot's axes start here)
+    first = engine.stats(ranks=False)  # t = 0: every request queued, nothing run yet (the plot's axes start here)
     mapped_before, page = first["pool"]["pages_mapped"], first["pool"]["page_size"]
     bytes_per_token, reserved_per_slot = first["kv_bytes_per_token"], first["kv_reserved_pages_per_slot"]
     res.timeline.append({"t": 0.0, "generated": 0, "running": 0, "waiting": len(reqs),
@@ -98,8 +98,8 @@ def run_glake(llm, reqs: list[BenchRequest], console: Console) -> BenchResult:
                         res.tpot.append(tpot)
             # every step at first (short runs), then every TIMELINE_INTERVAL s (stats() is not free)
             if len(res.timeline) < 32 or time.monotonic() - t0 - res.timeline[-1]["t"] >= TIMELINE_INTERVAL:
-                res.timeline.append(_sample(engine.stats(), t0, page, reserved_per_slot, bytes_per_token))
-    res.timeline.append(_sample(engine.stats(), t0, page, reserved_per_slot, bytes_per_token))  # the end
+                res.timeline.append(_sample(engine.stats(ranks=False), t0, page, reserved_per_slot, bytes_per_token))
+    res.timeline.append(_sample(engine.stats(ranks=False), t0, page, reserved_per_slot, bytes_per_token))  # the end
     res.elapsed = time.monotonic() - t0
     stats = engine.stats()
     res.pages_mapped = stats["pool"]["pages_mapped"] - mapped_before

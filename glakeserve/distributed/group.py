@@ -1,5 +1,12 @@
-"""The ranks' collectives: torch.distributed with NCCL on GPUs and gloo on CPUs, every collective
-bounded by the group's timeout (a rank that stops answering makes the others fail, not hang)."""
+"""The ranks' collectives: torch.distributed with NCCL on GPUs and gloo on CPUs.
+
+gloo's collectives block the host and time out after the group's timeout, so a rank that stops
+answering makes the others fail. NCCL's return at once and run on the device: a kernel waiting for
+a peer that died waits forever, and nothing on the host notices. Rank 0 therefore never blocks on
+its device under NCCL (TensorParallel.wait polls, watching the other ranks' processes), and on a
+failure it aborts the communicator (abort()), which ends those kernels. The group's own timeout is
+a backstop there, and torch's watchdog is told not to act on it (TORCH_NCCL_ASYNC_ERROR_HANDLING=0:
+by default it kills the process, and rank 0 is the user's process)."""
 
 from __future__ import annotations
 
@@ -10,6 +17,14 @@ import torch
 import torch.distributed as dist
 
 from glakeserve.distributed.shard import TPShard
+
+NCCL_BACKSTOP_S = 60.0  # NCCL's timeout: rank 0's own (tensor_parallel_timeout) fires first
+
+
+def nccl_environment() -> None:
+    """Set in rank 0 before it spawns the other ranks (they inherit it) and in every rank."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (see the device notes)
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # rank 0 aborts, torch's watchdog does not
 
 
 class TPGroup:
@@ -23,12 +38,13 @@ class TPGroup:
         self.shard = shard
         self.rank, self.size = shard.rank, shard.size
         self.device = device
-        nccl = device.type == "cuda"
-        if nccl:
-            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (see the device notes)
-        dist.init_process_group("nccl" if nccl else "gloo", init_method=f"file://{store_file}",
+        self.nccl = device.type == "cuda"
+        if self.nccl:
+            nccl_environment()
+            timeout_s += NCCL_BACKSTOP_S
+        dist.init_process_group("nccl" if self.nccl else "gloo", init_method=f"file://{store_file}",
                                 rank=self.rank, world_size=self.size, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if nccl else None)
+                                device_id=device if self.nccl else None)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sums x over the ranks, in place."""
@@ -49,6 +65,22 @@ class TPGroup:
         dist.gather(x, parts, dst=0)
         return torch.cat(parts, dim=-1)
 
+    def abort(self) -> None:
+        """NCCL: tears the communicator down without waiting for its work; kernels still waiting for
+        a peer return (with garbage). Every CUDA graph that holds its collectives must be destroyed
+        first: NCCL (2.26 on) waits for them. Nothing for gloo, whose collectives time out."""
+        if not (self.nccl and dist.is_initialized()):
+            return
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)  # torch >= 2.5
+        if abort is not None:
+            abort()
+        else:
+            dist.destroy_process_group()
+
     def close(self) -> None:
-        if dist.is_initialized():
+        """Leaves the group. NCCL: aborts rather than destroys (a destroy flushes, and may wait for
+        peers that have exited); every collective of rank 0 has completed by then."""
+        if self.nccl:
+            self.abort()
+        elif dist.is_initialized():
             dist.destroy_process_group()

@@ -10,11 +10,12 @@ import tempfile
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from glakeserve.distributed.group import TPGroup
+from glakeserve.distributed.group import TPGroup, nccl_environment
 from glakeserve.distributed.journal import JournaledPagePool, Replayer, books_for_check
 from glakeserve.distributed.shard import TPShard, check_tensor_parallel_size
 from glakeserve.model.config import ModelConfig
@@ -64,7 +65,15 @@ class TensorParallel:
         self.model: RankModel | None = None
         self.pool: JournaledPagePool | None = None
         self.error: BaseException | None = None
-        self.closed = False
+        self.closing = self.closed = False
+        # One thread issues collectives at a time: rank 0's engine thread, or the watcher while it
+        # aborts the communicator (NCCL's rule: one thread at a time on a communicator).
+        self.lock = threading.RLock()
+        self.lost = False  # the watcher saw a rank's process end and aborted the communicator
+        self.aborted = False
+        self._abort_lock = threading.Lock()
+        self.before_abort: list = []  # callables: CUDA graphs holding collectives go before the communicator
+        self._watcher: threading.Thread | None = None
 
     @classmethod
     def start(cls, source, cfg: ModelConfig, size: int, dtype: torch.dtype, device: torch.device, max_model_len: int,
@@ -80,7 +89,7 @@ class TensorParallel:
             if first + size > torch.cuda.device_count():
                 raise ValueError(f"tensor_parallel_size={size} needs GPUs {first}..{first + size - 1}, but torch sees "
                                  f"{torch.cuda.device_count()} GPU(s) here")
-            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # spawned ranks inherit it
+            nccl_environment()  # spawned ranks inherit it
         store_dir = tempfile.mkdtemp(prefix="glake-tp-")
         spec = RankSpec(source, cfg, dtype, device, max_model_len, seed, size, timeout_s,
                         os.path.join(store_dir, "store"), attention_backend)
@@ -91,6 +100,8 @@ class TensorParallel:
             tp.group = TPGroup(TPShard.plan(cfg, size, 0), spec.store_file, rank_device(device, 0), timeout_s)
             tp.model = RankModel(load_model(source, dtype, device, max_model_len, seed, tp=tp.group), tp)
             tp._expect("ready")
+            tp._watcher = threading.Thread(target=tp._watch, name="glake-tp-watcher", daemon=True)
+            tp._watcher.start()
         except BaseException as e:
             tp._fail(e)
             tp.close()
@@ -130,8 +141,7 @@ class TensorParallel:
 
     # ----- messages ---------------------------------------------------------------------------
     def send(self, msg: tuple) -> None:
-        if self.error is not None:
-            raise self.error
+        self._check()
         try:
             for conn in self.conns.values():
                 conn.send(msg)
@@ -140,13 +150,16 @@ class TensorParallel:
 
     def _expect(self, kind: str) -> list:
         """Waits for every other rank's reply `kind`; a rank's error or death raises."""
+        from multiprocessing.connection import wait
+
+        self._check()
         replies = {}
         deadline = time.monotonic() + self.timeout_s
         try:
             while len(replies) < len(self.conns):
-                for rank, conn in self.conns.items():
-                    if rank in replies or not conn.poll(0.01):
-                        continue
+                waiting = {conn: rank for rank, conn in self.conns.items() if rank not in replies}
+                for conn in wait(list(waiting), timeout=0.05):  # returns as soon as one has answered
+                    rank = waiting[conn]
                     msg = conn.recv()
                     if msg[0] == "error":
                         raise TensorParallelError(f"tensor-parallel rank {rank} failed: {msg[2]}")
@@ -181,13 +194,115 @@ class TensorParallel:
     def rank_pools(self) -> list[dict] | None:
         """Every rank's pool counters, rank 0 first, as each rank's allocator reports them (None
         once a rank has failed)."""
-        if self.error is not None:
+        if self.failed:
             return None
         self.send(("stats", self.take_ops()))
         pools = [self.pool.stats().__dict__] + [msg[2] for msg in self._expect("stats")]
         return [{**p, "rank": r, "device": str(rank_device(self.spec.device, r))} for r, p in enumerate(pools)]
 
+    # ----- collectives and the device ---------------------------------------------------------
+    @contextmanager
+    def issuing(self):
+        """Around everything rank 0 does that issues collectives: raises at once if the engine has
+        failed; holds the lock the watcher takes to abort; a failure inside stops the engine."""
+        with self.lock:
+            self._check()
+            try:
+                yield
+            except BaseException as e:
+                raise self._fail(e) from e
+
+    def wait(self, event) -> None:
+        """Returns once `event` (recorded on rank 0's device) has completed. Polls rather than
+        blocks: under NCCL a kernel waiting for a dead rank never completes, and neither would
+        event.synchronize(). Every 10 ms it looks at the other ranks' processes: one that ended (a rank
+        that fails reports why, then exits), or a wait past tensor_parallel_timeout (a rank that
+        hangs), raises TensorParallelError naming the rank and the cause."""
+        self._check()
+        start = time.monotonic()
+        look_at, nap = start, 20e-6
+        while not event.query():
+            now = time.monotonic()
+            if now >= look_at:
+                self._look(now - start)
+                look_at = now + 0.01
+            time.sleep(nap)
+            nap = min(2 * nap, 200e-6)
+        self._check()  # an abort completes the kernels too: their results are garbage
+
+    def _look(self, waited: float) -> None:
+        self._check()
+        for rank, proc in self.procs.items():
+            # a rank that fails reports over its pipe and exits; the pipe alone proves nothing (a rank
+            # may already answer a request rank 0 has not started waiting for, such as "graphs-ready")
+            if proc.exitcode is not None:
+                raise self._fail(RuntimeError(f"rank {rank} ended while rank 0 waited for its device"))
+        if waited > self.timeout_s:
+            alive = ", ".join(map(str, self.alive_ranks()))
+            raise self._fail(TensorParallelError(
+                f"tensor-parallel rank(s) {alive} stopped answering: rank 0's step did not complete within "
+                f"tensor_parallel_timeout={self.timeout_s:g} s (hung?)"))
+
+    def start_graphs(self, max_batch: int) -> None:
+        """Every other rank captures decode graphs for the sizes DecodeGraphs picks for max_batch, in
+        rank 0's order (each capture's collectives pair with rank 0's)."""
+        self.send(("graphs", max_batch))
+
+    def graphs_ready(self, sizes: list[int]) -> None:
+        for _, rank, theirs in self._expect("graphs-ready"):
+            if theirs != sizes:
+                raise self._fail(TensorParallelError(f"tensor-parallel rank {rank} captured decode graphs for sizes "
+                                                     f"{theirs}, rank 0 for {sizes}"))
+
+    def replay(self, graph, size: int, slots: list[int], lens: list[int]) -> None:
+        """Replays rank 0's decode graph of `size` rows after telling the other ranks to replay
+        theirs for the same batch (they pad it as rank 0 did)."""
+        with self.issuing():
+            self.send(("replay", self.take_ops(), slots, lens, size))
+            graph.replay()
+
     # ----- failure ----------------------------------------------------------------------------
+    def _check(self) -> None:
+        """Raises the engine's error, if it has one (or finds it, when the watcher saw a rank go)."""
+        if self.error is not None:
+            raise self.error
+        if self.lost:
+            raise self._fail(RuntimeError("a rank's process ended"))
+
+    def _watch(self) -> None:
+        """A thread: when a rank's process ends (not at close), aborts the communicator. Under NCCL
+        rank 0's kernels would wait for it forever, and with them every host thread that waits for
+        the device outside wait(): the mapping worker's unmaps, a step that waits for them, the
+        KV cache's close. The engine thread's next call into this class raises TensorParallelError."""
+        from multiprocessing.connection import wait
+
+        sentinels = [p.sentinel for p in self.procs.values()]
+        while not wait(sentinels, timeout=0.5):
+            if self.closing or self.error is not None:
+                return
+        locked = self.lock.acquire(timeout=10.0)  # else the engine thread is stuck on the device: abort anyway
+        try:
+            if self.closing or self.error is not None:
+                return
+            self.lost = True
+            if self.spec.device.type == "cuda":
+                torch.cuda.set_device(self.spec.device)
+            self._abort()
+        finally:
+            if locked:
+                self.lock.release()
+
+    def _abort(self) -> None:
+        """Once: destroys what holds the communicator's collectives (CUDA graphs), then aborts it."""
+        with self._abort_lock:
+            if self.aborted:
+                return
+            self.aborted = True
+            for release in self.before_abort:
+                release()
+            if self.group is not None:
+                self.group.abort()
+
     def _fail(self, cause: BaseException) -> BaseException:
         """Finds out which rank failed and why, stops the other ranks, and returns the error to
         raise (every later call raises it too). KeyboardInterrupt stays itself."""
@@ -211,6 +326,7 @@ class TensorParallel:
             error = TensorParallelError(f"tensor-parallel rank 0 failed: {type(cause).__name__}: {cause}")
         self.error = cause if isinstance(cause, KeyboardInterrupt) else error
         self._stop_ranks(graceful=False)
+        self._abort()
         return self.error
 
     def _collect_reports(self, wait: bool) -> tuple[list, list]:
@@ -254,15 +370,29 @@ class TensorParallel:
         for conn in self.conns.values():
             conn.close()
 
-    def close(self) -> None:
-        """Stops every other rank (no process is left behind) and leaves the process group."""
+    def close(self, error: BaseException | None = None) -> None:
+        """Stops every other rank (no process is left behind) and leaves the process group.
+        error: why the engine gives up (its start failed): the ranks are stopped, not asked."""
         if self.closed:
             return
-        self.closed = True
+        if error is not None and self.error is None:
+            self._fail(error)
+        with self.lock:  # the watcher ignores ranks that exit from now on
+            self.closing = True
         self._stop_ranks(graceful=self.error is None)
+        for release in self.before_abort:  # graphs before the communicator (NCCL waits for them)
+            release()
         if self.group is not None:
             self.group.close()
+        if self._watcher is not None:
+            self._watcher.join(timeout=2.0)
+        self.closed = True
         shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    @property
+    def failed(self) -> bool:
+        """A rank failed or its process ended: every later call raises TensorParallelError."""
+        return self.error is not None or self.lost
 
     def alive_ranks(self) -> list[int]:
         return [r for r, p in self.procs.items() if p.is_alive()]
@@ -278,22 +408,17 @@ class RankModel:
 
     def forward(self, input_ids, positions, kv_cache, attn, meta) -> torch.Tensor:
         tp = self.tp
-        tp.send(("step", tp.take_ops(), meta.slot_ids_host, meta.query_lens_host, meta.context_lens_host,
-                 input_ids.numel()))
-        try:
-            tp.group.broadcast(input_ids)
-            return self.shard.forward(input_ids, positions, kv_cache, attn, meta)
-        except BaseException as e:
-            raise tp._fail(e) from e
+        with tp.issuing():
+            tp.send(("step", tp.take_ops(), meta.slot_ids_host, meta.query_lens_host, meta.context_lens_host,
+                     input_ids.numel()))
+            return self.shard.forward(input_ids, positions, kv_cache, attn, meta)  # broadcasts the ids first
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         tp = self.tp
-        tp.send(("logits", hidden.shape[0]))
-        try:
+        with tp.issuing():
+            tp.send(("logits", hidden.shape[0]))
             tp.group.broadcast(hidden.contiguous())  # the rows to sample are rank 0's choice: send them
             return self.shard.logits(hidden)
-        except BaseException as e:
-            raise tp._fail(e) from e
 
 
 def _exit_reason(code: int) -> str:
@@ -308,10 +433,17 @@ def _exit_reason(code: int) -> str:
 # ----- ranks 1..N-1 --------------------------------------------------------------------------
 class RankWorker:
     def __init__(self, rank: int, spec: RankSpec, group: TPGroup, model, conn):
+        from glakeserve.model_runner import HostStaging
+
         self.rank, self.spec, self.group, self.model, self.conn = rank, spec, group, model, conn
         self.device = rank_device(spec.device, rank)
-        self.kv = self.attn = self.replayer = None
+        self.kv = self.attn = self.replayer = self.graphs = None
         self.last_event = None  # after this rank's last launched step (GPU)
+        # inputs go to the device as rank 0's do: through pinned buffers, no host sync; a set is
+        # reused once the step that used it last (two steps back) has completed
+        self.staging = [HostStaging(self.device), HostStaging(self.device)]
+        self.staged: list = [None, None]  # the event of the step that used each set
+        self._turn = 0
 
     def build_kv(self, args: dict) -> None:
         from glakeserve.attention import make_backend
@@ -320,17 +452,55 @@ class RankWorker:
         self.kv = make_kv_cache(args.pop("layout"), args.pop("cfg"), args.pop("dtype"), self.device, **args)
         self.attn = make_backend(self.spec.attention_backend, self.device, self.kv.cfg.num_kv_heads)
         self.replayer = Replayer(self.kv.pool, self.kv.vtensors)
+        if self.device.type == "cuda" and self.kv.block_table is None:  # as rank 0's runner: compile now
+            self.attn.warm_up(self.kv.k_cache(0), self.kv.v_cache(0), self.model.cfg.num_heads, self.kv.padding_slot())
+
+    def _take_staging(self):
+        turn, self._turn = self._turn, self._turn ^ 1
+        if self.staged[turn] is not None:
+            self.staged[turn].synchronize()  # long done, as a rule (rank 0 has read that step)
+        staging = self.staging[turn]
+        staging.reset()
+        return staging, turn
+
+    def _launched(self, turn: int) -> None:
+        if self.device.type == "cuda":
+            self.last_event = torch.cuda.Event()
+            self.last_event.record()
+            self.staged[turn] = self.last_event
 
     @torch.inference_mode()
     def step(self, ops, slots, qlens, ctxs, num_tokens: int) -> None:
         self.replayer.apply(ops, after=self.last_event)
         self.replayer.wait()
-        meta = self.attn.prepare_metadata(slots, qlens, ctxs, self.device, block_table=None)
-        ids = self.group.broadcast(torch.empty(num_tokens, dtype=torch.int64, device=self.device))
+        staging, turn = self._take_staging()
+        meta = self.attn.prepare_metadata(slots, qlens, ctxs, self.device, block_table=None, to_device=staging.put)
+        ids = torch.empty(num_tokens, dtype=torch.int64, device=self.device)  # the model broadcasts rank 0's into it
         self.model.forward(ids, meta.positions, self.kv, self.attn, meta)
-        if self.device.type == "cuda":
-            self.last_event = torch.cuda.Event()
-            self.last_event.record()
+        self._launched(turn)
+
+    @torch.inference_mode()
+    def capture_graphs(self, max_batch: int) -> list[int]:
+        """Decode graphs for the sizes rank 0 captures, in its order (see DecodeGraphs)."""
+        from glakeserve.model_runner import DecodeGraphs
+
+        self.replayer.wait_all()  # no mapping job runs during a capture
+        last_token = torch.zeros(self.kv.num_slots, dtype=torch.int64, device=self.device)  # unread: rank 0 sends ids
+        self.graphs = DecodeGraphs(self.model, self.kv, self.attn, max_batch, last_token)
+        self.graphs.capture()
+        return self.graphs.sizes
+
+    @torch.inference_mode()
+    def replay(self, ops, slots, lens, size: int) -> None:
+        """Rank 0 replays its graph of `size` rows for this decode batch: the same here."""
+        self.replayer.apply(ops, after=self.last_event)
+        self.replayer.wait()
+        if self.graphs.size_for(len(slots)) != size:
+            raise RuntimeError(f"rank 0 replays its decode graph of {size} rows for {len(slots)} sequences, this rank "
+                               f"would pick {self.graphs.size_for(len(slots))}")
+        staging, turn = self._take_staging()
+        self.graphs.run(staging, [0] * len(slots), slots, lens)  # placeholder ids: the graph broadcasts rank 0's
+        self._launched(turn)
 
     @torch.inference_mode()
     def logits(self, rows: int) -> None:
@@ -348,6 +518,8 @@ class RankWorker:
             kind = msg[0]
             if kind == "step":
                 self.step(*msg[1:])
+            elif kind == "replay":
+                self.replay(*msg[1:])
             elif kind == "logits":
                 self.logits(msg[1])
             elif kind == "ops":
@@ -363,12 +535,16 @@ class RankWorker:
             elif kind == "kv":
                 self.build_kv(msg[1])
                 conn.send(("kv-ready", self.rank))
+            elif kind == "graphs":
+                conn.send(("graphs-ready", self.rank, self.capture_graphs(msg[1])))
             elif kind == "close":
                 return
             else:
                 raise ValueError(f"unknown message {kind!r}")
 
     def close(self) -> None:
+        if self.graphs is not None:
+            self.graphs.release()
         if self.replayer is not None:
             self.replayer.wait_all()
         if self.kv is not None:
@@ -396,7 +572,7 @@ def worker_main(rank: int, spec: RankSpec, conn, parent_pid: int) -> None:
 
         device = rank_device(spec.device, rank)
         if device.type == "cuda":
-            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+            nccl_environment()
             torch.cuda.set_device(device)
         elif "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.size))
@@ -407,6 +583,10 @@ def worker_main(rank: int, spec: RankSpec, conn, parent_pid: int) -> None:
         conn.send(("ready", rank))
         worker.serve()
         worker.close()
+        if device.type == "cuda":
+            # no destroy of the NCCL communicator: it flushes and may wait for rank 0, which waits for
+            # this process to end; its memory goes with the process, and rank 0 aborts its side
+            os._exit(0)
         group.close()
     except BaseException as e:
         try:

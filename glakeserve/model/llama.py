@@ -126,7 +126,11 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache, attn, meta) -> torch.Tensor:
         """input_ids, positions: [tokens] for all sequences of the batch back to back.
         kv_cache: k_cache(layer) / v_cache(layer) views; attn: the attention backend; meta: its
-        per-batch metadata. Returns the final hidden states [tokens, hidden]."""
+        per-batch metadata. Returns the final hidden states [tokens, hidden].
+        A rank's shard first takes rank 0's token ids (the other ranks pass a buffer of the right size):
+        the broadcast is part of the forward, so a decode CUDA graph holds it too."""
+        if self.tp is not None:
+            self.tp.broadcast(input_ids)
         cfg = self.cfg
         H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
