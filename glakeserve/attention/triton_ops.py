@@ -298,9 +298,10 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_n: int | None = None, block_table: torch.Tensor | None = None,
                      num_warps: int | None = None, num_stages: int = 3) -> torch.Tensor:
     """q [tokens, heads, dim] for all sequences back to back -> [tokens, heads, dim]. The new
-    tokens' K and V must already be in the caches (store_kv first). Default tiles: 128 queries x 128
-    keys with 8 warps where a query is that long, else 64 keys with 4 warps (the best of the H100
-    sweep, `benchmarks/kernels.py --sweep`: 128 x 64 ran 10% slower, 64 x 128 a third slower)."""
+    tokens' K and V must already be in the caches (store_kv first). Default tiles for 16-bit caches:
+    128 queries x 128 keys with 8 warps where a query is that long, else 64 keys with 4 warps (the
+    best of the H100 sweep, `benchmarks/kernels.py --sweep`: 128 x 64 ran 10% slower, 64 x 128 a
+    third slower); float32 keeps 64-key tiles."""
     check_cache(k_cache, v_cache)
     bt, bt_row, paged, page, c_slot, c_block, c_pos, c_head = _geometry(block_table, k_cache)
     T, H, D = q.shape
@@ -314,7 +315,8 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if T == 0:
         return out
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
-    block_n = block_n or (128 if block_m >= 128 else 64)
+    if block_n is None:  # 128 x 128 float32 tiles over 3 stages need 384 KiB of shared memory (H100: 227)
+        block_n = 128 if block_m >= 128 and q.element_size() <= 2 else 64
     grid = (triton.cdiv(max_query_len, block_m), B, H)
     _extend_kernel[grid](
         q, k_cache, v_cache, out, slot_ids, query_start, query_lens, context_lens, bt, bt_row, q.stride(0),
