@@ -278,12 +278,12 @@ class LLMEngine:
     # ----- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """schedule -> launch -> update -> outputs. With async scheduling the tokens read are the
-        previous launch's: this step's batch was scheduled before they were known."""
+        previous launch's: this step's batch was scheduled before they were known. A grammar's next
+        mask needs its request's last token: with a constrained request sampling, the step's forward
+        is launched, the step in flight is read (the matchers advance while the device computes),
+        and then the step's sampling is launched."""
         self.clock.start()
         outputs = []
-        if self._in_flight is not None and self._needs_known_outputs():
-            outputs += self._update(self._in_flight)  # a grammar's next mask needs the last token: read it first
-            self._in_flight = None
         batch = self.scheduler.schedule()
         self.clock.lap("schedule")
         outputs += [self._output(r, "", []) for r in batch.failed]
@@ -291,11 +291,14 @@ class LLMEngine:
             self.requests.pop(r.request_id, None)
         launched = None
         if not batch.empty:
-            launched = self.runner.launch(batch)
+            defer = self.async_scheduling and any(r.matcher is not None for r in batch.samplers)
+            launched = self.runner.launch(batch, defer_sampling=defer)
             self.last_path = launched.path
         if self.async_scheduling:
             if self._in_flight is not None:
                 outputs += self._update(self._in_flight)
+            if launched is not None and launched.logits is not None:
+                self.runner.sample_deferred(launched)
             self._in_flight = launched
         elif launched is not None:
             outputs += self._update(launched)
@@ -306,12 +309,6 @@ class LLMEngine:
                 self.tp.check_integrity(self.kv)
         self.clock.lap("other")
         return outputs
-
-    def _needs_known_outputs(self) -> bool:
-        """A grammar's mask depends on the last token, which the host must feed to its matcher: with
-        such a request running, the step in flight is read before the next is scheduled (that step
-        is not overlapped). Penalties need no such wait: their counts are updated on the device."""
-        return any(r.matcher is not None for r in self.scheduler.running)
 
     def _update(self, step: LaunchedStep) -> list[RequestOutput]:
         tokens, logprobs, prompt = self.runner.read(step)

@@ -218,6 +218,9 @@ class LaunchedStep:
     start: torch.cuda.Event | None = None  # with a DeviceTimeline: the step's device work starts here
     logprobs: Sampled | None = None  # the samplers' logprobs (pinned host copies on a GPU), when asked for
     prompt: PromptRows | None = None  # prompt logprob rows (pinned host copies on a GPU), when asked for
+    staging: HostStaging | None = None  # the staging buffers of its launch
+    logits: torch.Tensor | None = None  # the samplers' logits while their sampling is deferred
+    sampler_slots: list[int] | None = None  # each sampler's slot at launch (a deferred one may have left it since)
 
 
 class ModelRunner:
@@ -246,8 +249,9 @@ class ModelRunner:
             self.graphs.capture()
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
-        """Queues the model over the batch's new tokens and the sampling of its samplers' next tokens."""
+    def launch(self, batch: ScheduledBatch, defer_sampling: bool = False) -> LaunchedStep:
+        """Queues the model over the batch's new tokens and the sampling of its samplers' next tokens;
+        with defer_sampling, the forward and the logits only: sample_deferred() queues the rest."""
         staging = self.staging[self._turn]
         self._turn ^= 1
         staging.reset()
@@ -275,34 +279,64 @@ class ModelRunner:
                                               to_device=staging.put)
             tokens = resolve_pending(staging.put(ids, torch.int64), meta.token_slots, self.last_token)
             hidden = self.model.forward(tokens, meta.positions, self.kv, self.attn, meta)
-        sampled = logprobs = None
+        logits = None
         if batch.samplers:
             rows = hidden if len(last_index) == hidden.shape[0] else hidden[staging.put(last_index, torch.int64)]
             logits = self.model.logits(rows)
-            sampling = self.sampling_batch(batch, logits.shape[1], staging.put)
-            result = sample_with_logprobs(logits, sampling, to_device=staging.put)
-            out = result.tokens
-            if sampling.penalties is not None:
-                rows = sampling.penalties.rows
-                self.penalties.add_sampled([batch.samplers[i] for i in rows], out[staging.put(rows, torch.int64)],
-                                           staging.put)
-            self.last_token.index_copy_(0, staging.put([r.slot.index for r in batch.samplers], torch.int64), out)
-            if staging.cuda:
-                sampled = staging.result[:out.numel()]
-                sampled.copy_(out, non_blocking=True)
-            else:
-                sampled = out
-            if result.logprobs is not None:
-                logprobs = Sampled(sampled, result.logprob_rows, _to_host(result.logprobs), _to_host(result.top_ids))
         prompt = self._prompt_rows(batch, hidden, offsets, staging) if batch.prompt_rows else None
-        event = None
-        if self.device.type == "cuda":
-            event = DeviceTimeline.mark() if self.timeline is not None else torch.cuda.Event()
-            event.record()
+        step = LaunchedStep(batch, None, None, path, started, prompt=prompt, staging=staging,
+                            sampler_slots=[r.slot.index for r in batch.samplers])
+        if defer_sampling and logits is not None:
+            # the step's KV work is queued: the cache's end-of-step work needs only that much
+            step.logits = logits
+            self.clock.lap("launch")
+            self.kv.end_step(batch, self._record())
+            self.clock.lap("kv_end")
+            return step
+        self._sample(step, logits)
+        step.event = self._record()
         self.clock.lap("launch")
-        self.kv.end_step(batch, event)
+        self.kv.end_step(batch, step.event)
         self.clock.lap("kv_end")
-        return LaunchedStep(batch, sampled, event, path, started, logprobs, prompt)
+        return step
+
+    @torch.inference_mode()
+    def sample_deferred(self, step: LaunchedStep) -> None:
+        """Queues the sampling of a step launched with defer_sampling, now that the host state it
+        depends on (grammar matchers advanced by the step before) is known."""
+        self._sample(step, step.logits)
+        step.logits = None
+        step.event = self._record()
+        self.clock.lap("sample")
+
+    def _record(self) -> torch.cuda.Event | None:
+        if self.device.type != "cuda":
+            return None
+        event = DeviceTimeline.mark() if self.timeline is not None else torch.cuda.Event()
+        event.record()
+        return event
+
+    def _sample(self, step: LaunchedStep, logits: torch.Tensor | None) -> None:
+        """The samplers' next tokens (and logprobs) from their logits, into the step."""
+        if logits is None:
+            return
+        batch, staging = step.batch, step.staging
+        sampling = self.sampling_batch(batch, logits.shape[1], staging.put)
+        result = sample_with_logprobs(logits, sampling, to_device=staging.put)
+        out = result.tokens
+        if sampling.penalties is not None:
+            rows = sampling.penalties.rows
+            self.penalties.add_sampled([batch.samplers[i] for i in rows], out[staging.put(rows, torch.int64)],
+                                       staging.put)
+        self.last_token.index_copy_(0, staging.put(step.sampler_slots, torch.int64), out)
+        if staging.cuda:
+            step.tokens = staging.result[:out.numel()]
+            step.tokens.copy_(out, non_blocking=True)
+        else:
+            step.tokens = out
+        if result.logprobs is not None:
+            step.logprobs = Sampled(step.tokens, result.logprob_rows, _to_host(result.logprobs),
+                                    _to_host(result.top_ids))
 
     def _prompt_rows(self, batch: ScheduledBatch, hidden: torch.Tensor, offsets: list[int],
                      staging: HostStaging) -> PromptRows:
@@ -351,7 +385,8 @@ class ModelRunner:
                 banned.append(list(r.params.stop_token_ids) + ([] if r.params.ignore_eos else list(self.eos_token_ids)))
             else:
                 banned.append([])
-        mask_rows = [i for i, r in enumerate(reqs) if r.matcher is not None]
+        # (a request finished meanwhile drops its token: its grammar, perhaps complete, is not asked)
+        mask_rows = [i for i, r in enumerate(reqs) if r.matcher is not None and not r.finished]
         bitmask = None
         if mask_rows:  # the grammars' allowed tokens, filled on the host, copied without waiting
             words = (self.model.cfg.vocab_size + 31) // 32
@@ -360,7 +395,7 @@ class ModelRunner:
                 reqs[i].matcher.fill_next_token_bitmask(host, j)
             bitmask = host.to(self.device, non_blocking=True)
         penalties = None
-        penalty_rows = [i for i, r in enumerate(reqs) if r.params.uses_penalties]
+        penalty_rows = [i for i, r in enumerate(reqs) if r.params.uses_penalties and not r.finished]
         if penalty_rows:
             if self.penalties is None:
                 self.penalties = PenaltyCounts(vocab, self.device)

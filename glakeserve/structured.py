@@ -6,8 +6,9 @@ matcher that the engine advances with every token it reads. Before a step sample
 each constrained request's matcher for the tokens allowed next as a bitmask (32 tokens a word, bit j
 of word w = token 32w + j), copies the masks to the device without waiting, and the sampler sets
 the logits of every other token to -inf on the device (sampling.py). The mask of step N+1 needs the
-token of step N, so with a constrained request running the engine reads the step in flight before
-it schedules the next one (penalties need no such wait: their counts live on the device)."""
+token of step N, so with a constrained request sampling, the engine launches step N+1's forward,
+reads step N while the device computes, advances the matchers, fills the masks, and only then
+launches step N+1's sampling (penalties need no such split: their counts live on the device)."""
 
 from __future__ import annotations
 

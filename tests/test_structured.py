@@ -72,8 +72,9 @@ def test_unconstrained_outputs_do_not_change_in_a_mixed_batch(smol_llm):
 
 
 def test_async_scheduling_reads_before_masking(smollm2_dir):
-    """With a step in flight the mask of the next step needs the token being sampled: the engine reads
-    first, so the outputs equal the serial engine's."""
+    """With a step in flight the mask of the next step needs the token being sampled: the engine
+    launches the next forward, reads the step in flight, advances the matchers, then samples; the
+    outputs equal the serial engine's (with penalties, whose counts the device keeps, too)."""
     results = {}
     for mode in (False, True):
         eng = LLMEngine(EngineConfig(max_model_len=256, max_num_seqs=4, kv_cache_memory=48 << 20,
@@ -82,6 +83,8 @@ def test_async_scheduling_reads_before_masking(smollm2_dir):
             ("Describe a person as JSON.", SamplingParams(temperature=0.9, seed=7, max_tokens=200,
                                                           guided=GuidedDecoding.json_schema(SCHEMA))),
             ("Tell me a joke.", SamplingParams(temperature=0.9, seed=8, max_tokens=24)),
+            ("A date?", SamplingParams(temperature=1.0, seed=9, max_tokens=30, frequency_penalty=1.0,
+                                       guided=GuidedDecoding("regex", r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"))),
         )]
         done = {}
         while eng.has_unfinished_requests():
