@@ -28,18 +28,23 @@ def llm(model, device: str) -> LLM:
                kv_cache_memory=256 << 20, check_integrity=True)
 
 
+def on_cpu_and_gpu(model, prompts, params) -> tuple[list, list]:
+    """The same requests through a CPU engine, then a GPU engine, on the same weights."""
+    got = []
+    for device in ("cpu", "cuda"):
+        engine = llm(model, device)
+        try:
+            got.append(engine.generate(prompts, params))
+        finally:
+            engine.close()
+    return got[0], got[1]
+
+
 def test_logprobs_on_gpu_equal_the_cpu_engine(tiny):
     rng = random.Random()
     prompts = [[rng.randrange(3, 1000) for _ in range(n)] for n in (5, 40, 130)]
     params = [SamplingParams(temperature=0, max_tokens=10, logprobs=k, ignore_eos=True) for k in (0, 5, 20)]
-    got = {}
-    for device in ("cpu", "cuda"):
-        engine = llm(tiny, device)
-        try:
-            got[device] = engine.generate(prompts, params)
-        finally:
-            engine.close()
-    for cpu, gpu in zip(got["cpu"], got["cuda"]):
+    for cpu, gpu in zip(*on_cpu_and_gpu(tiny, prompts, params)):
         assert gpu.token_ids == cpu.token_ids
         for a, b in zip(cpu.logprobs, gpu.logprobs):
             assert b.token_id == a.token_id and b.logprob == pytest.approx(a.logprob, abs=1e-3)
@@ -54,14 +59,7 @@ def test_penalties_and_prompt_logprobs_on_gpu_equal_the_cpu_engine(tiny):
     prompts = [[rng.randrange(3, 60) for _ in range(n)] for n in (7, 50, 140)]  # small ids: repeats
     params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3,
                              frequency_penalty=0.4, presence_penalty=0.3, prompt_logprobs=k) for k in (0, 3, 5)]
-    got = {}
-    for device in ("cpu", "cuda"):
-        engine = llm(tiny, device)
-        try:
-            got[device] = engine.generate(prompts, params)
-        finally:
-            engine.close()
-    for cpu, gpu in zip(got["cpu"], got["cuda"]):
+    for cpu, gpu in zip(*on_cpu_and_gpu(tiny, prompts, params)):
         assert gpu.token_ids == cpu.token_ids
         assert len(gpu.prompt_logprobs) == len(cpu.prompt_logprobs) and gpu.prompt_logprobs[0] is None
         for a, b in zip(cpu.prompt_logprobs[1:], gpu.prompt_logprobs[1:]):
