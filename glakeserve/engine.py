@@ -54,6 +54,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto: triton on a GPU, torch on the CPU
     enforce_eager: bool = False  # no CUDA graphs
     cuda_graph_max_batch: int | None = None  # decode batches up to this size replay CUDA graphs (default: max_num_seqs)
+    # other steps (prefill, mixed) up to this many tokens replay piecewise CUDA graphs with eager attention
+    # between them (default: max_num_batched_tokens; 0: eager). One GPU only: not under tensor parallelism
+    cuda_graph_max_tokens: int | None = None
     async_scheduling: bool | None = None  # schedule step N+1 while step N runs (default: on a GPU)
     time_gpu_steps: bool = False  # CUDA events around each step: device busy / idle time in stats() (GPU only)
     check_integrity: bool = False  # check the KV cache's books after every step (tests)
@@ -130,6 +133,8 @@ class LLMEngine:
         self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if gpu else 1024)
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        if config.cuda_graph_max_tokens is not None and config.cuda_graph_max_tokens < 0:
+            raise ValueError(f"cuda_graph_max_tokens must be 0 (off) or a token count, got {config.cuda_graph_max_tokens}")
         self.tp = None  # distributed.workers.TensorParallel: the other ranks, when there are any
         kv_cfg, pool_class = cfg, vtensor.PagePool
         if config.tensor_parallel_size == 1:
@@ -155,12 +160,16 @@ class LLMEngine:
             # decode CUDA graphs (GPU only); under tensor parallelism every rank captures and replays them
             graphs = 0 if config.enforce_eager else min(config.cuda_graph_max_batch or self.max_num_seqs,
                                                         self.max_num_seqs)
+            pieces = self.max_num_batched_tokens if config.cuda_graph_max_tokens is None else min(
+                config.cuda_graph_max_tokens, self.max_num_batched_tokens)
+            pieces = 0 if config.enforce_eager or config.tensor_parallel_size > 1 else pieces
             if config.time_gpu_steps and not gpu:
                 raise ValueError("time_gpu_steps times the GPU's work with CUDA events: it needs device cuda")
             self.clock = PhaseClock()
             self.timeline = DeviceTimeline() if config.time_gpu_steps else None
             self.runner = ModelRunner(self.model, self.kv, self.attn, self.eos_token_ids, cuda_graph_max_batch=graphs,
-                                      clock=self.clock, timeline=self.timeline, tp=self.tp)
+                                      clock=self.clock, timeline=self.timeline, tp=self.tp,
+                                      cuda_graph_max_tokens=pieces)
         except BaseException as e:
             if self.tp is not None:  # no rank outlives a failed start
                 self.tp.close(error=e)

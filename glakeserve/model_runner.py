@@ -3,7 +3,8 @@ read() returns its sampled tokens. Between the two the host can schedule and lau
 
 On a GPU nothing in launch() waits for the device: inputs go through pinned buffers and non-blocking
 copies (HostStaging, two sets used in turn so that a step in flight keeps its own), decode-only steps
-replay a CUDA graph captured for the padded batch size (DecodeGraphs), sampling runs on the device,
+replay a CUDA graph captured for the padded batch size (DecodeGraphs), other steps a chain of
+piecewise graphs with eager attention in between (mixed_graphs.py), sampling runs on the device,
 and the tokens come back through a recorded event. A token the host has not read yet enters the next
 step as -1: the device takes it from `last_token`, where each slot's latest sampled token is kept.
 
@@ -21,6 +22,7 @@ import torch
 
 from glakeserve.attention.base import AttentionBackend, AttentionMetadata
 from glakeserve.kv import KVCache
+from glakeserve.mixed_graphs import MixedGraphs
 from glakeserve.model.llama import LlamaModel
 from glakeserve.penalties import PenaltyCounts
 from glakeserve.profiling import DeviceTimeline, PhaseClock
@@ -214,7 +216,7 @@ class LaunchedStep:
     batch: ScheduledBatch
     tokens: torch.Tensor | None  # sampled ids: pinned host memory on a GPU; None when nothing sampled
     event: torch.cuda.Event | None
-    path: str  # "graph" or "eager"
+    path: str  # "graph" (decode graph), "piecewise" (mixed_graphs.py) or "eager"
     start: torch.cuda.Event | None = None  # with a DeviceTimeline: the step's device work starts here
     logprobs: Sampled | None = None  # the samplers' logprobs (pinned host copies on a GPU), when asked for
     prompt: PromptRows | None = None  # prompt logprob rows (pinned host copies on a GPU), when asked for
@@ -226,8 +228,10 @@ class LaunchedStep:
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, attn: AttentionBackend, eos_token_ids: tuple[int, ...],
                  cuda_graph_max_batch: int = 0, clock: PhaseClock | None = None,
-                 timeline: DeviceTimeline | None = None, tp=None):
-        """tp: rank 0's distributed.workers.TensorParallel (model is then its RankModel), or None."""
+                 timeline: DeviceTimeline | None = None, tp=None, cuda_graph_max_tokens: int = 0):
+        """tp: rank 0's distributed.workers.TensorParallel (model is then its RankModel), or None.
+        cuda_graph_max_tokens: other steps up to this many tokens replay piecewise graphs
+        (mixed_graphs.py; one GPU, no tensor parallelism); 0: they run eagerly."""
         self.model = model
         self.tp = tp
         self.clock = clock or PhaseClock()
@@ -247,6 +251,10 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model if tp is None else tp.model.shard, kv, attn, cuda_graph_max_batch,
                                        self.last_token, tp=tp)
             self.graphs.capture()
+        self.mixed = None
+        if cuda_graph_max_tokens and tp is None and decode_graphs_supported(self.device, attn):
+            self.mixed = MixedGraphs(model, kv, attn, cuda_graph_max_tokens, self.last_token)
+            self.mixed.capture()
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, defer_sampling: bool = False) -> LaunchedStep:
@@ -274,11 +282,15 @@ class ModelRunner:
             hidden = self.graphs.run(staging, ids, slots, ctxs)  # decode: one token per sequence
             path = "graph"
         else:
-            path = "eager"
             meta = self.attn.prepare_metadata(slots, qlens, ctxs, self.device, block_table=self.kv.block_table,
                                               to_device=staging.put)
-            tokens = resolve_pending(staging.put(ids, torch.int64), meta.token_slots, self.last_token)
-            hidden = self.model.forward(tokens, meta.positions, self.kv, self.attn, meta)
+            if self.mixed is not None and len(ids) <= self.mixed.max_tokens:
+                path = "piecewise"
+                hidden = self.mixed.run(staging, ids, meta)
+            else:
+                path = "eager"
+                tokens = resolve_pending(staging.put(ids, torch.int64), meta.token_slots, self.last_token)
+                hidden = self.model.forward(tokens, meta.positions, self.kv, self.attn, meta)
         logits = None
         if batch.samplers:
             rows = hidden if len(last_index) == hidden.shape[0] else hidden[staging.put(last_index, torch.int64)]

@@ -67,9 +67,10 @@ class DirectRunner:
         self.requests: dict[int, Request] = {}
 
     @torch.inference_mode()
-    def run(self, chunks: list[tuple[int, list[int]]], done: dict[int, int]) -> list[torch.Tensor]:
+    def run(self, chunks: list[tuple[int, list[int]]], done: dict[int, int], forward=None) -> list[torch.Tensor]:
         """chunks: (sequence id, new token ids) per sequence; done: tokens already cached per id.
         New ids are admitted in ascending order, so slots need not follow the batch's order.
+        forward(ids, meta) -> hidden states stands in for the model's forward when given.
         Returns each sequence's logits [new tokens, vocab]."""
         for s in sorted(s for s, _ in chunks if s not in self.requests):
             self.requests[s] = bare_request(str(s), [])
@@ -90,7 +91,11 @@ class DirectRunner:
         ctxs = [s + n for s, n in zip(batch.starts, qlens)]
         meta = self.attn.prepare_metadata(slots, qlens, ctxs, self.device, block_table=self.kv.block_table)
         ids = torch.tensor([t for _, toks in chunks for t in toks], device=self.device)
-        logits = self.model.logits(self.model.forward(ids, meta.positions, self.kv, self.attn, meta))
+        if forward is None:
+            hidden = self.model.forward(ids, meta.positions, self.kv, self.attn, meta)
+        else:
+            hidden = forward(ids, meta)
+        logits = self.model.logits(hidden)
         self.kv.end_step(batch, None)
         for s, c in zip((s for s, _ in chunks), ctxs):
             done[s] = c

@@ -56,9 +56,10 @@ def generate(path, layout, prompts, max_new, **kw):
     return [done[i] for i in ids]
 
 
-@pytest.mark.parametrize("layout,async_scheduling", [("page-major", True), ("page-major", False),
-                                                    ("token-major", True), ("per-layer", True), ("paged", True)])
-def test_greedy_identical_to_hf_with_cuda_graphs(tiny, layout, async_scheduling):
+@pytest.mark.parametrize("layout,async_scheduling,graph_tokens", [
+    ("page-major", True, None), ("page-major", False, None), ("token-major", True, None), ("per-layer", True, None),
+    ("paged", True, None), ("token-major", True, 0)])  # 0: prefill and mixed steps eager, no piecewise graphs
+def test_greedy_identical_to_hf_with_cuda_graphs(tiny, layout, async_scheduling, graph_tokens):
     path, hf = tiny
     prompts = [torch.randint(3, SHAPE["vocab"], (n,)).tolist() for n in (5, 40, 130, 7, 64, 250)]
     max_new = 24
@@ -69,7 +70,8 @@ def test_greedy_identical_to_hf_with_cuda_graphs(tiny, layout, async_scheduling)
                               do_sample=False, pad_token_id=0,
                               attention_mask=torch.ones(1, len(p), dtype=torch.long, device="cuda"))
             expected.append(out[0, len(p):].tolist())
-    got = generate(path, layout, prompts, max_new, async_scheduling=async_scheduling)
+    got = generate(path, layout, prompts, max_new, async_scheduling=async_scheduling,
+                   cuda_graph_max_tokens=graph_tokens)
     assert got == expected
 
 
@@ -91,7 +93,7 @@ def test_seeded_sampling_is_the_same_with_a_step_in_flight(tiny):
     assert outs[0] == outs[1]
 
 
-def test_decode_steps_make_no_host_sync(tiny):
+def test_steps_make_no_host_sync(tiny):
     path, _ = tiny
     engine = LLMEngine(EngineConfig(model=str(path), dtype="bfloat16", max_model_len=512, max_num_seqs=8,
                                     kv_cache_memory=1 << 30))
@@ -100,14 +102,17 @@ def test_decode_steps_make_no_host_sync(tiny):
                                                                  ignore_eos=True))
     engine.step()  # prefill
     engine.step()
+    paths = []
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i in range(12):  # decode steps through CUDA graphs: nothing may wait for the GPU but the event
-            if i == 5:  # and a mixed step (a prefill beside the decodes) runs eagerly, equally without a sync
+            if i == 5:  # and a mixed step (a prefill beside the decodes) through piecewise graphs, equally
                 engine.add_request(list(range(40, 140)), SamplingParams(temperature=0.8, seed=1, max_tokens=8))
             engine.step()
+            paths.append(engine.last_path)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert "piecewise" in paths and "graph" in paths, paths
     assert engine.runner.graphs is not None and engine.stats()["engine_driver_calls"] == 0
     engine.close()
 

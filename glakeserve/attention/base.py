@@ -87,5 +87,6 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """q [tokens, heads, dim] -> [tokens, heads, dim]."""
+                meta: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
+        """q [tokens, heads, dim] -> [tokens, heads, dim], written into `out` when given (piecewise
+        graphs read it from a fixed buffer)."""

@@ -22,7 +22,7 @@ class FlashAttnBackend(AttentionBackend):
     def store_kv(self, k_cache, v_cache, k, v, meta: AttentionMetadata) -> None:
         ops.store_kv(k, v, k_cache, v_cache, meta.token_slots, meta.positions, block_table=meta.block_table)
 
-    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, out=None) -> torch.Tensor:
         if meta.block_table is not None:
             raise ValueError("flash-attn needs pages of 256+ tokens; use --attention-backend triton with --kv-layout paged")
         if k_cache.dim() == 5:
@@ -31,9 +31,10 @@ class FlashAttnBackend(AttentionBackend):
         slots = meta.slot_ids.to(torch.int32)
         lens = meta.context_lens.to(torch.int32)
         if meta.is_decode_only:  # q [B, 1, H, D]; the cache already holds this step's K and V
-            return self._attend(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=lens, cache_batch_idx=slots,
-                                causal=True).squeeze(1)
-        out = torch.empty_like(q)
+            o = self._attend(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=lens, cache_batch_idx=slots,
+                             causal=True).squeeze(1)
+            return o if out is None else out.copy_(o)
+        out = torch.empty_like(q) if out is None else out
         start = 0
         for i, n in enumerate(meta.query_lens_host):  # causal aligned to the end: query j sees <= ctx - n + j
             out[start:start + n] = self._attend(q[start:start + n].unsqueeze(0), k_cache, v_cache,

@@ -37,8 +37,8 @@ class TorchReferenceBackend(AttentionBackend):
         page = cache.shape[1]
         return cache[block_table[slot, : -(-ctx // page)].long()].flatten(0, 1)[:ctx]
 
-    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        out = torch.empty_like(q)
+    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, out=None) -> torch.Tensor:
+        out = torch.empty_like(q) if out is None else out
         heads, kv_heads = q.shape[1], k_cache.shape[-2]
         start = 0
         for slot, n, ctx in zip(meta.slot_ids_host, meta.query_lens_host, meta.context_lens_host):

@@ -43,14 +43,14 @@ class TritonBackend(AttentionBackend):
     def store_kv(self, k_cache, v_cache, k, v, meta: AttentionMetadata) -> None:
         ops.store_kv(k, v, k_cache, v_cache, meta.token_slots, meta.positions, block_table=meta.block_table)
 
-    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, out=None) -> torch.Tensor:
         if meta.is_decode_only:
             return ops.decode_attention(q, k_cache, v_cache, meta.slot_ids, meta.context_lens, meta.num_splits,
-                                        block_table=meta.block_table)
+                                        out=out, block_table=meta.block_table)
         # a mixed step: the decoding sequences in front take the decode kernel (the extend kernel would
         # spend a 128-row tile on each one-token query); the rest take the extend kernel
         n = meta.leading_decodes
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         if n:
             ops.decode_attention(q[:n], k_cache, v_cache, meta.slot_ids[:n], meta.context_lens[:n],
                                  self.decode_splits(n, meta.max_context_len), out=out[:n],

@@ -70,10 +70,11 @@ class Linear:
         wide = weight.device.type == "cpu" and weight.shape[0] > weight.shape[1]
         self.weight_t = weight.t().contiguous() if wide else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [n, in] -> [n, out], into `out` [n, out] when given."""
         if self.weight_t is not None and x.shape[0] == 1:
-            return x @ self.weight_t
-        return F.linear(x, self.weight)
+            return x @ self.weight_t if out is None else torch.mm(x, self.weight_t, out=out)
+        return F.linear(x, self.weight) if out is None else torch.mm(x, self.weight.t(), out=out)
 
 
 def as_linear(w):
@@ -127,33 +128,64 @@ class LlamaModel:
         """input_ids, positions: [tokens] for all sequences of the batch back to back.
         kv_cache: k_cache(layer) / v_cache(layer) views; attn: the attention backend; meta: its
         per-batch metadata. Returns the final hidden states [tokens, hidden].
-        A rank's shard first takes rank 0's token ids (the other ranks pass a buffer of the right size):
-        the broadcast is part of the forward, so a decode CUDA graph holds it too."""
+        The forward is a chain of pieces (begin, then per layer project_qkv, store_kv, attend,
+        finish_layer); piecewise CUDA graphs (mixed_graphs.py) capture all but `attend` and run the
+        same pieces in the same order."""
+        x, residual, rope = self.begin(input_ids, positions)
+        for i in range(len(self.layers)):
+            qkv = self.project_qkv(i, x, rope)
+            self.store_kv(i, qkv, kv_cache, attn, meta)
+            o = self.attend(i, qkv, kv_cache, attn, meta)
+            x, residual = self.finish_layer(i, o, residual)
+        return x
+
+    def begin(self, input_ids: torch.Tensor, positions: torch.Tensor):
+        """(first layer's normalised input, residual stream, rope tables). A rank's shard first takes
+        rank 0's token ids (the other ranks pass a buffer of the right size): the broadcast is part of
+        the forward, so a decode CUDA graph holds it too."""
         if self.tp is not None:
             self.tp.broadcast(input_ids)
-        cfg = self.cfg
-        H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        eps = cfg.rms_norm_eps
-        cos, sin = self.rotary.tables(positions, self.dtype)
+        rope = self.rotary.tables(positions, self.dtype)
         # the residual stream: each add_norm adds a sublayer's output and normalises for the next
-        x, residual = self._add_norm(self._embed(input_ids), None, self.layers[0].input_norm, eps)
-        for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(x).view(-1, H + 2 * KVH, D)  # [tokens, H + 2 KVH, D]
-            self._rope(qkv, H + KVH, cos, sin)  # q and k rotate in place
-            q, k, v = qkv[:, :H], qkv[:, H:H + KVH], qkv[:, H + KVH:]
-            k_cache, v_cache = kv_cache.k_cache(i), kv_cache.v_cache(i)
-            attn.store_kv(k_cache, v_cache, k, v, meta)
-            o = attn.forward(q, k_cache, v_cache, meta)  # [tokens, H, D]
-            attn_out = layer.o(o.reshape(-1, self.q_size))
-            if self.tp is not None:  # row-parallel: each rank's heads give a partial sum
-                self.tp.all_reduce(attn_out)
-            x, residual = self._add_norm(attn_out, residual, layer.post_norm, eps)
-            mlp = layer.down(self._silu_mul(layer.gate_up(x)))
-            if self.tp is not None:
-                self.tp.all_reduce(mlp)
-            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
-            x, residual = self._add_norm(mlp, residual, next_norm, eps)
-        return x
+        x, residual = self._add_norm(self._embed(input_ids), None, self.layers[0].input_norm, self.cfg.rms_norm_eps)
+        return x, residual, rope
+
+    def project_qkv(self, i: int, x: torch.Tensor, rope, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer i's q, k, v [tokens, H + 2 KVH, D], q and k rotated; into `out` when given."""
+        cfg = self.cfg
+        proj = self.layers[i].qkv
+        if out is None:
+            qkv = proj(x)
+        elif isinstance(proj, Linear):
+            qkv = proj(x, out=out.view(x.shape[0], -1))
+        else:  # a quantized layer (CPU) has no out=
+            qkv = out.view(x.shape[0], -1).copy_(proj(x))
+        qkv = qkv.view(-1, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
+        self._rope(qkv, cfg.num_heads + cfg.num_kv_heads, *rope)  # q and k rotate in place
+        return qkv
+
+    def store_kv(self, i: int, qkv: torch.Tensor, kv_cache, attn, meta) -> None:
+        H, KVH = self.cfg.num_heads, self.cfg.num_kv_heads
+        attn.store_kv(kv_cache.k_cache(i), kv_cache.v_cache(i), qkv[:, H:H + KVH], qkv[:, H + KVH:], meta)
+
+    def attend(self, i: int, qkv: torch.Tensor, kv_cache, attn, meta, out: torch.Tensor | None = None):
+        """Layer i's attention output [tokens, H, D] (into `out` when given)."""
+        q = qkv[:, :self.cfg.num_heads]
+        return attn.forward(q, kv_cache.k_cache(i), kv_cache.v_cache(i), meta, out=out)
+
+    def finish_layer(self, i: int, o: torch.Tensor, residual: torch.Tensor):
+        """Layer i after its attention: output projection, MLP, and the next norm (the next layer's
+        input norm, or the final norm after the last layer). Returns (x, residual)."""
+        layer, eps = self.layers[i], self.cfg.rms_norm_eps
+        attn_out = layer.o(o.reshape(-1, self.q_size))
+        if self.tp is not None:  # row-parallel: each rank's heads give a partial sum
+            self.tp.all_reduce(attn_out)
+        x, residual = self._add_norm(attn_out, residual, layer.post_norm, eps)
+        mlp = layer.down(self._silu_mul(layer.gate_up(x)))
+        if self.tp is not None:
+            self.tp.all_reduce(mlp)
+        next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+        return self._add_norm(mlp, residual, next_norm, eps)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp is None:
