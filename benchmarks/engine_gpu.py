@@ -57,12 +57,14 @@ def hf_model(name: str):
 def throughput(name: str, reqs: list[BenchRequest], layout: str, max_num_seqs: int | None = None,
                graph_tokens: int | None = None) -> dict:
     """graph_tokens: the engine's cuda_graph_max_tokens (None: its default; 0: mixed steps eager)."""
+    t0 = time.perf_counter()
     llm = make(name, kv_layout=layout, max_model_len=2048, max_num_seqs=max_num_seqs, time_gpu_steps=True,
                cuda_graph_max_tokens=graph_tokens)
+    startup = time.perf_counter() - t0  # weights, KV pool, kernel warm-up, graph captures
     res = run_glake(llm, reqs, console)
     out = dict(res.summary())
     stats = llm.engine.stats()
-    out.update(model=name, cuda_graph_max_tokens=graph_tokens, layout=stats["kv_layout"], max_num_seqs=stats["max_num_seqs"], pool_pages=stats["kv_pages"]["total"],
+    out.update(model=name, startup_s=startup, cuda_graph_max_tokens=graph_tokens, layout=stats["kv_layout"], max_num_seqs=stats["max_num_seqs"], pool_pages=stats["kv_pages"]["total"],
                page_bytes=stats["pool"]["page_size"], tokens_per_page=stats["tokens_per_page"],
                phase_seconds=stats["phase_seconds"], device_timeline=stats["device_timeline"],
                engine_driver_calls=stats["engine_driver_calls"], async_jobs=stats["pool"]["async_jobs"],
@@ -157,7 +159,7 @@ def main() -> None:
         phases = " ".join(f"{k} {v:.2f}" for k, v in r["phase_seconds"].items())
         print(f"{name} {layout} seqs={r['max_num_seqs']} graph_tokens={graph_tokens}: {r['requests_per_s']:.2f} req/s, "
               f"{r['total_tokens_per_s']:.0f} total tok/s, {r['output_tokens_per_s']:.0f} output tok/s, elapsed "
-              f"{r['elapsed']:.1f} s, peak batch {r['peak_batch']}, preemptions {r['preemptions']}, waits "
+              f"{r['elapsed']:.1f} s (start-up {r['startup_s']:.1f} s), peak batch {r['peak_batch']}, preemptions {r['preemptions']}, waits "
               f"{r['mapping_waits']}, engine driver calls {r['engine_driver_calls']}, pages/page size "
               f"{r['pages_mapped']}/{r['page_bytes'] >> 20} MiB, steps {r['step_paths']}\n"
               f"    main thread s: {phases}\n    device: busy {tl['busy_s']:.2f} s, idle {tl['idle_s']:.2f} s "

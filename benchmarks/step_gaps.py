@@ -81,11 +81,13 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--warmup-steps", type=int, default=30)
     ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--graph-tokens", type=int, default=None,
+                    help="the engine's cuda_graph_max_tokens (default: piecewise graphs on; 0: mixed steps eager)")
     ap.add_argument("--json")
     args = ap.parse_args()
 
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=args.max_num_seqs,
-              async_scheduling=False)
+              async_scheduling=False, cuda_graph_max_tokens=args.graph_tokens)
     eng = llm.engine
     reqs = sample_sharegpt(Tokenizer(_default_tokenizer_dir()), args.num_prompts, seed=0)  # as engine_gpu.py
     for r in reqs:

@@ -24,6 +24,8 @@ Not under tensor parallelism (the other ranks run the eager forward).
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from glakeserve.attention.base import AttentionBackend, AttentionMetadata
@@ -120,6 +122,8 @@ class MixedGraphs:
             for t in reversed(self.sizes):
                 self.chains[t] = self._capture_chain(t, None)
             return
+        gc.collect()  # once, not before each of the ~1,300 graphs
+        torch.cuda.synchronize()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -141,10 +145,13 @@ class MixedGraphs:
             if cuda is None:
                 made = self._piece(j, t, state, meta)
                 runner = PieceRerun(lambda j=j, seen=state: self._piece(j, t, seen, meta), made)
-            else:
+            else:  # as torch.cuda.graph does, less its sync, empty_cache (and gc, in older torch) a graph
                 runner = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(runner, pool=cuda[0], stream=cuda[1]):
+                runner.capture_begin(pool=cuda[0])
+                try:
                     made = self._piece(j, t, state, meta)
+                finally:
+                    runner.capture_end()
             state = {**state, **made}
             chain.append((runner, made))
         return chain

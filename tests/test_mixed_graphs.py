@@ -40,7 +40,6 @@ def _schedule(rng: random.Random, vocab: int) -> list[list[tuple[int, list[int]]
 @pytest.mark.parametrize("layout,device", [
     ("token-major", "cpu"), ("paged", "cpu"),
     pytest.param("token-major", "cuda", marks=pytest.mark.gpu), pytest.param("paged", "cuda", marks=pytest.mark.gpu),
-    pytest.param("page-major", "cuda", marks=pytest.mark.gpu),
 ])
 def test_pieces_compute_the_forward(tmp_path, layout, device):
     seed = random.getrandbits(16)
