@@ -407,3 +407,33 @@ def test_only_a_forced_call_compiles_a_grammar(in_process, monkeypatch):
                                                                            "function": {"name": "tool_3"}}}]
     assert [r.status_code for r in in_process.post(*[("/v1/chat/completions", b) for b in forced])] == [200] * 2
     assert set(compiled) == {tool_request(b).forced() for b in forced}  # checked, then found by the engine
+
+
+def test_meta_check_follows_the_schema_draft_and_ecma_patterns(in_process):
+    """Under tool_choice auto a tool schema is checked against the meta-schema of the draft its
+    `$schema` names (2020-12 by default), and a pattern as an ECMA-262 regex: valid schemas of older
+    drafts and ECMA-only pattern syntax pass, broken ones are a 400 naming the place."""
+    valid = [
+        {"$schema": "http://json-schema.org/draft-04/schema#", "type": "object",
+         "properties": {"n": {"type": "number", "minimum": 0, "exclusiveMinimum": True}}},  # draft-04's boolean form
+        {"$schema": "http://json-schema.org/draft-07/schema#", "definitions": {"s": {"type": "string"}},
+         "type": "object", "properties": {"x": {"$ref": "#/definitions/s"}}},
+        {"type": "object", "properties": {"d": {"type": "string", "pattern": r"^(?<year>\d{4})-(?<month>\d{2})$"},
+                                          "w": {"type": "string", "pattern": r"^\p{L}+$"},
+                                          "e": {"type": "string", "format": "email"}}},
+    ]
+    invalid = [
+        ({"type": "object", "properties": {"n": {"type": "number", "exclusiveMinimum": True}}},
+         "properties.n.exclusiveMinimum"),  # boolean only up to draft-04
+        ({"$schema": "http://json-schema.org/draft-04/schema#", "type": "object", "properties": {"x": {"type": 5}}},
+         "properties.x.type"),
+        ({"type": "object", "properties": {"x": {"type": "string", "pattern": r"(?<year\d)"}}}, "properties.x.pattern"),
+    ]
+    chat = {"messages": MESSAGES, "max_tokens": 2, "tool_choice": "auto"}
+    bodies = [{**chat, "tools": [{"type": "function", "function": {"name": "f", "parameters": p}}]}
+              for p in valid + [p for p, _ in invalid]]
+    replies = in_process.post(*[("/v1/chat/completions", b) for b in bodies])
+    assert [r.status_code for r in replies] == [200] * len(valid) + [400] * len(invalid), [r.text for r in replies]
+    for r, (_, place) in zip(replies[len(valid):], invalid):
+        error = r.json()["error"]
+        assert error["param"] == "tools" and error["message"].startswith(f"tools[0].function.parameters.{place}"), error

@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import re
 import uuid
+import warnings
 from dataclasses import dataclass
 
 from glakeserve.server.protocol import ApiError, check_text, short
 from glakeserve.structured import GuidedDecoding
 
 try:  # the meta-schema check of tool parameters (requirements.txt); without it the shape check alone runs
-    from jsonschema import Draft202012Validator, SchemaError
+    from jsonschema import Draft202012Validator, FormatChecker, ValidationError
+    from jsonschema.validators import validator_for
 except ImportError:
     Draft202012Validator = None
 
@@ -321,14 +323,39 @@ def check_schema(schema, where: str) -> None:
                 check_schema(sub, f"{where}.{key}[{j}]")
 
 
+# ECMA-262 regex syntax that Python's re spells otherwise or lacks: named groups `(?<name>` (re: `(?P<name>`)
+# and Unicode property escapes `\p{L}` (re has none: such a pattern is left to the grammar compiler)
+_ECMA_NAMED_GROUP = re.compile(r"\(\?<(?![=!])")
+_ECMA_PROPERTY = re.compile(r"\\[pP]\{")
+
+
+def _is_regex(pattern: object) -> bool:
+    """JSON Schema's "regex" format: an ECMA-262 pattern, checked with Python's re where the two agree."""
+    if not isinstance(pattern, str) or _ECMA_PROPERTY.search(pattern):
+        return True
+    try:
+        re.compile(_ECMA_NAMED_GROUP.sub("(?P<", pattern))
+    except re.error:
+        return False
+    return True
+
+
 def check_meta_schema(schema: dict, where: str) -> None:
-    """The schema against JSON Schema's meta-schema (draft 2020-12), formats included (a pattern must
-    be a regex): milliseconds, where compiling it into a grammar can take seconds. Only a forced call
-    compiles its tools' schemas (api.py); under tool_choice auto or none this is all the check."""
+    """The schema against the meta-schema of the draft its `$schema` names (2020-12 when it names
+    none), with patterns checked as regexes: milliseconds, where compiling it into a grammar can
+    take seconds. Only a forced call compiles its tools' schemas (api.py); under tool_choice auto or
+    none this is all the check. Other formats (email, uri, ...) are annotations: not checked."""
     if Draft202012Validator is None:
         return
+    checker = FormatChecker(formats=())
+    checker.checks("regex")(_is_regex)
+    validator = Draft202012Validator
+    if isinstance(schema.get("$schema"), str):
+        with warnings.catch_warnings():  # an unknown $schema: jsonschema warns and gives the default
+            warnings.simplefilter("ignore")
+            validator = validator_for(schema, default=Draft202012Validator)
     try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError as e:
+        validator(validator.META_SCHEMA, format_checker=checker).validate(schema)
+    except ValidationError as e:  # the schema, as an instance of its meta-schema
         message = e.message if len(e.message) <= 200 else e.message[:200] + "..."  # it quotes the client's value
         raise ApiError(400, f"{where}{e.json_path.removeprefix('$')}: {message}", param="tools") from None
