@@ -68,11 +68,12 @@ def test_json_records_the_model_lengths_and_a_timeline_from_zero(tmp_path):
     out_json = tmp_path / "r.json"
     result = runner.invoke(app, ["bench", "--model", "tiny-llama", "--load-format", "dummy", "--dataset", "random",
                                  "--num-prompts", "3", "--input-len", "20", "--output-len", "5",
-                                 "--kv-cache-memory", "16MiB", "--output-json", str(out_json)])
+                                 "--kv-cache-memory", "16MiB", "--output-json", str(out_json), "--enforce-eager"])
     assert result.exit_code == 0, result.output
     data = json.loads(out_json.read_text())
     config = data["config"]
     assert config["model"] == "tiny-llama" and config["max_model_len"] > 0 and config["dtype"] == "float32"
+    assert config["enforce_eager"] is True
     assert config["input_len"] == 20 and config["output_len"] == 5
     assert config["prompt_lens"] == {"mean": 20.0, "min": 20, "max": 20, "total": 60}
     assert config["output_lens"]["total"] == 15

@@ -34,6 +34,9 @@ TensorParallelSize = Annotated[int, typer.Option(
     help="Split the model over this many devices (one process each; gloo on CPUs, NCCL on GPUs). "
          "--kv-cache-memory is then per device.")]
 NoPrefixCaching = Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")]
+EnforceEager = Annotated[bool, typer.Option(
+    "--enforce-eager", help="No CUDA graphs (neither decode graphs nor piecewise graphs of prefill and mixed steps): "
+                            "faster start-up, slower steps. GPU only; the CPU never uses graphs.")]
 
 UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
