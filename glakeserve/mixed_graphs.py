@@ -18,7 +18,7 @@ the decode graphs' padding rows; their rows are computed and dropped.
 
 The pieces are LlamaModel's own (begin, project_qkv, store_kv, attend, finish_layer), so the chain
 computes what model.forward computes, in the same order. On the CPU (tests) a piece is run again on
-the same buffers instead of replayed (graphs.Rerun), which checks the chain's plumbing there too.
+the same buffers instead of replayed (PieceRerun), which checks the chain's plumbing there too.
 Not under tensor parallelism (the other ranks run the eager forward).
 """
 
@@ -71,7 +71,8 @@ class MixedGraphs:
         self.inputs = torch.zeros(3, self.max_tokens, dtype=torch.int64, device=dev)
         # what passes from piece to piece lives in fixed buffers shared by every bucket and layer (a
         # chain's own tensors for each would hold layers x buckets of them): layer i's q, k, v for its
-        # attention, which writes attn_out (zeros in padding rows) for piece i + 1; the residual stream;
+        # attention, which writes attn_out for piece i + 1 (its real rows only: padding rows keep what an
+        # earlier step left, harmless because every op in a piece works row by row); the residual stream;
         # the final hidden states
         T = self.max_tokens
         like = dict(dtype=model.dtype, device=dev)
@@ -83,6 +84,8 @@ class MixedGraphs:
         self.chains: dict[int, list[tuple[object, dict[str, torch.Tensor]]]] = {}
 
     def size_for(self, tokens: int) -> int:
+        if tokens > self.max_tokens:
+            raise ValueError(f"{tokens} tokens: the piecewise graphs hold at most {self.max_tokens} (run it eagerly)")
         return next(s for s in self.sizes if s >= tokens)
 
     def _store_meta(self, t: int) -> AttentionMetadata:
@@ -136,8 +139,10 @@ class MixedGraphs:
     def _capture_chain(self, t: int, cuda) -> list:
         meta = self._store_meta(t)
         n = len(self.model.layers) + 1
+        # compiles the Triton kernels, outside any graph: once is enough, as no kernel in a piece takes the
+        # token count as an argument (it only sets the grid); the smallest and largest buckets, to be sure
         if cuda is not None and t in (self.sizes[0], self.sizes[-1]):
-            state: dict[str, torch.Tensor] = {}  # compiles the Triton kernels, outside any graph
+            state: dict[str, torch.Tensor] = {}
             for j in range(n):
                 state.update(self._piece(j, t, state, meta))
         state, chain = {}, []

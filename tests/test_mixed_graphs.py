@@ -23,6 +23,17 @@ def test_token_buckets_hold_every_count_with_little_padding():
             assert size - n < limit, (top, n, size)
 
 
+def test_more_tokens_than_the_largest_bucket_is_refused(tmp_path):
+    runner = DirectRunner(save_tiny_hf_llama(tmp_path, layers=1), "token-major", slots=3)
+    graphs = MixedGraphs(runner.model, runner.kv, runner.attn, 40, torch.zeros(runner.kv.num_slots, dtype=torch.int64))
+    try:
+        assert graphs.size_for(17) == 32 and graphs.size_for(40) == 40
+        with pytest.raises(ValueError, match="at most 40"):
+            graphs.size_for(41)
+    finally:
+        runner.close()
+
+
 def _schedule(rng: random.Random, vocab: int) -> list[list[tuple[int, list[int]]]]:
     """Steps of (sequence id, new tokens): prefills of random lengths, then decode rows in front of
     chunks and new prompts (the scheduler's order), then decode only."""
@@ -48,7 +59,7 @@ def test_pieces_compute_the_forward(tmp_path, layout, device):
     eager = DirectRunner(path, layout, slots=6, backend=backend, device=device)
     pieces = DirectRunner(path, layout, slots=6, backend=backend, device=device)
     last_token = torch.zeros(pieces.kv.num_slots, dtype=torch.int64, device=pieces.device)
-    graphs = MixedGraphs(pieces.model, pieces.kv, pieces.attn, 100, last_token)
+    graphs = MixedGraphs(pieces.model, pieces.kv, pieces.attn, 128, last_token)  # steps of up to 120 tokens
     staging = HostStaging(pieces.device)
     rng = random.Random(seed)
     try:
