@@ -111,7 +111,8 @@ def test_outputs_equal_with_and_without_caching_under_random_traffic(layout):
     and preempt, and a limit change mid-run: same outputs, books balanced after every step."""
     seed = int(os.environ.get("GLAKE_TEST_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
-    stems = [[rng.randrange(10, 1000) for _ in range(rng.randrange(4, 40))] for _ in range(4)]
+    block = 16 if layout == "per-layer" else 4  # tokens a prefix block holds (tiny()); stems of 1 to 10 blocks
+    stems = [[rng.randrange(10, 1000) for _ in range(rng.randrange(block, 10 * block))] for _ in range(4)]
     plan = []  # (arrival step, prompt | (index of an earlier request, new tail), max_tokens, abort step)
     for i in range(24):
         kept = [j for j, p in enumerate(plan) if p[3] is None]  # a follow-up continues a request never aborted

@@ -68,9 +68,11 @@ class PageBooks:
         self.ready[slot] = min(self.ready[slot], first)
         self.pending[slot] = deque((min(r, first), f) for r, f in self.pending[slot])
 
-    def _track(self, future: MapFuture, slots: list[int], event: torch.cuda.Event | None = None) -> None:
+    def _track(self, future: MapFuture, slots: list[int], event: torch.cuda.Event | None = None,
+               ready_after: int | None = None) -> None:
+        """The job brings each slot's blocks up to ready_after (default: all the books hold now)."""
         for slot in slots:
-            self.pending[slot].append((len(self.blocks[slot]), future))
+            self.pending[slot].append((len(self.blocks[slot]) if ready_after is None else ready_after, future))
             self._busy.add(slot)
         if event is not None:
             self._events.append((future, event))
@@ -115,7 +117,9 @@ class PageBooks:
             for lid in blocks[:n]:
                 self._unref(lid)
             self._cap(slot, 0)
-            self._track(self.pool.unmap_async(ranges, after=after), [slot], after)
+            # after this unmap no block of the slot is ready (the list still holds the old ids here);
+            # the alias job below brings them back
+            self._track(self.pool.unmap_async(ranges, after=after), [slot], after, ready_after=0)
         items = []
         base = slot * self.blocks_per_slot
         b = 0
