@@ -85,8 +85,21 @@ def test_overlapped_outputs_equal_the_serial_engine(pages):
         eng.close()
         if pages == 34:
             assert stats["preemptions"] > 0, f"seed {seed}: the tight pool preempted nothing"
-    assert got[True]["result"] == got[False]["result"], f"seed {seed}"
-    assert got[True]["deltas"] == got[False]["deltas"], f"seed {seed}"
+    same_outputs(plan, got[False], got[True], seed)
+
+
+def same_outputs(plan: list, serial: dict, overlapped: dict, seed: int) -> None:
+    """Equal results and streamed deltas, but for one race: the overlapped engine reads a step's
+    tokens one step late, so an abort may still find (and end) a request whose last token the serial
+    engine has already delivered. The reverse cannot happen."""
+    raced = set()
+    for i, (_, _, _, abort_at) in enumerate(plan):
+        a, b = serial["result"][i], overlapped["result"][i]
+        if abort_at is not None and a != b and b == ("aborted",) and a != ("aborted",):
+            raced.add(i)
+            continue
+        assert a == b, f"seed {seed}: request {i}: serial {a}, overlapped {b}"
+    assert {i: d for i, d in serial["deltas"].items() if i not in raced} == overlapped["deltas"], f"seed {seed}"
 
 
 def test_stop_strings_end_at_the_same_token_with_a_step_in_flight(smollm2_dir):
