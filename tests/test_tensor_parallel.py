@@ -403,7 +403,10 @@ def test_a_hung_rank_times_out():
 
 
 ORPHAN_SCRIPT = """
-import sys, time
+import signal, sys, time
+# Ctrl-C as in a terminal: a shell that starts the tests in the background hands them SIGINT ignored,
+# and a Python started with it ignored keeps ignoring it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from glakeserve.llm import LLM
 from glakeserve.sampling import SamplingParams
 if __name__ == "__main__":
