@@ -340,6 +340,13 @@ def _is_regex(pattern: object) -> bool:
     return True
 
 
+# the one format the meta-check checks, made once rather than per request
+REGEX_FORMAT = None
+if Draft202012Validator is not None:
+    REGEX_FORMAT = FormatChecker(formats=())
+    REGEX_FORMAT.checks("regex")(_is_regex)
+
+
 def check_meta_schema(schema: dict, where: str) -> None:
     """The schema against the meta-schema of the draft its `$schema` names (2020-12 when it names
     none), with patterns checked as regexes: milliseconds, where compiling it into a grammar can
@@ -347,15 +354,13 @@ def check_meta_schema(schema: dict, where: str) -> None:
     none this is all the check. Other formats (email, uri, ...) are annotations: not checked."""
     if Draft202012Validator is None:
         return
-    checker = FormatChecker(formats=())
-    checker.checks("regex")(_is_regex)
     validator = Draft202012Validator
     if isinstance(schema.get("$schema"), str):
         with warnings.catch_warnings():  # an unknown $schema: jsonschema warns and gives the default
             warnings.simplefilter("ignore")
             validator = validator_for(schema, default=Draft202012Validator)
     try:
-        validator(validator.META_SCHEMA, format_checker=checker).validate(schema)
+        validator(validator.META_SCHEMA, format_checker=REGEX_FORMAT).validate(schema)
     except ValidationError as e:  # the schema, as an instance of its meta-schema
         message = e.message if len(e.message) <= 200 else e.message[:200] + "..."  # it quotes the client's value
         raise ApiError(400, f"{where}{e.json_path.removeprefix('$')}: {message}", param="tools") from None
