@@ -99,15 +99,14 @@ def test_decode_attention(layout, shape):
         torch.testing.assert_close(out[i].float(), reference(q[i:i + 1], k, v, 1)[0], atol=shape["atol"], rtol=0.02)
 
 
-@pytest.mark.parametrize("layout", ["token-major", "page-major", "per-layer", "paged"])
-@pytest.mark.parametrize("shape", shapes())
-def test_extend_attention_after_a_cached_prefix(layout, shape):
-    dev = "cuda" if shape["dtype"] == torch.bfloat16 else "cpu"
+def check_extend(layout, shape, kernel=None):
+    """Some prefill from 0, some extend a cached prefix; every output row against the reference."""
+    dev = "cpu" if shape["dtype"] in (torch.float32, torch.float16) else "cuda"
     c = Caches(layout, shape["slots"], shape["max_len"], shape["kv_heads"], shape["dim"], shape["dtype"], dev)
     B = min(4, shape["slots"])
     slots = random.sample(range(shape["slots"]), B)
     ctx = lengths(shape["max_len"], B)
-    qlen = [random.randint(1, n) for n in ctx]  # some prefill from 0, some extend a prefix
+    qlen = [random.randint(1, n) for n in ctx]
     qlen[0] = ctx[0]
     starts = [0]
     for n in qlen:
@@ -117,12 +116,41 @@ def test_extend_attention_after_a_cached_prefix(layout, shape):
     t = lambda x: torch.tensor(x, device=dev)  # noqa: E731
     T.extend_attention(q, c.k, c.v, t(slots), t(starts), t(qlen), t(ctx), max(qlen), out=out,
                        block_table=c.block_table, block_m=16 if dev == "cpu" else 128,
-                       block_n=16 if dev == "cpu" else 64)
+                       block_n=16 if dev == "cpu" else 64, kernel=kernel)
     for i in range(B):
         k, v = c.sequence(slots[i], ctx[i])
         torch.testing.assert_close(out[starts[i]:starts[i + 1]].float(), reference(q[starts[i]:starts[i + 1]], k, v,
                                                                                   qlen[i]),
                                    atol=shape["atol"], rtol=0.02)
+
+
+@pytest.mark.parametrize("layout", ["token-major", "page-major", "per-layer", "paged"])
+@pytest.mark.parametrize("shape", shapes())
+def test_extend_attention_after_a_cached_prefix(layout, shape):
+    check_extend(layout, shape)
+
+
+CPU_HALF = dict(CPU_SHAPE, dtype=torch.float16, atol=2e-3)  # the interpreter's bfloat16 is not exact
+
+
+@pytest.mark.parametrize("kernel", ["strided", "generic"])
+@pytest.mark.parametrize("layout", ["token-major", "per-layer"])
+@pytest.mark.parametrize("shape", [pytest.param(CPU_HALF, id="cpu-half")] + [
+    pytest.param(shape, id=name, marks=pytest.mark.gpu) for name, shape in GPU_SHAPES.items()])
+def test_each_extend_kernel_on_plain_slots(kernel, layout, shape):
+    """The 16-bit fast path (a slot read as a plain [positions, dim] matrix) and the generic kernel,
+    each named, on the layouts the fast one serves."""
+    check_extend(layout, shape, kernel)
+
+
+@pytest.mark.parametrize("layout", ["page-major", "paged"])
+def test_the_strided_extend_kernel_refuses_paged_slots(layout):
+    c = Caches(layout, 2, 32, 2, 32, torch.float16, "cpu")
+    q = torch.zeros(4, 4, 32, dtype=torch.float16)
+    one = torch.tensor([4])
+    with pytest.raises(ValueError, match="the 'strided' extend kernel cannot read"):
+        T.extend_attention(q, c.k, c.v, torch.tensor([0]), torch.tensor([0, 4]), one, one, 4,
+                           block_table=c.block_table, kernel="strided")
 
 
 @pytest.mark.parametrize("layout", ["token-major", "page-major", "per-layer", "paged"])

@@ -7,7 +7,9 @@ thin wrapper that checks shapes, dtypes and strides before it launches.
   decode_attention   one query token per sequence; split-K over the context (flash-decoding),
                      one program serving all query heads of a KV head (GQA), then a combine step
   extend_attention   several query tokens per sequence (prefill, chunked prefill): causal, each
-                     token attends to its slot's cached prefix and to the new tokens up to itself
+                     token attends to its slot's cached prefix and to the new tokens up to itself;
+                     16-bit token-major and per-layer slots take a kernel that reads a slot's keys
+                     as a plain strided matrix (whole-tile loads, in-place accumulation)
 
 With block_table given, the same kernels address a paged cache instead (PAGED=True): caches are
 [num_blocks, page, kv_heads, dim] and token n of row r lives in block block_table[r, n // page] at
@@ -292,16 +294,106 @@ def _extend_kernel(q, k_cache, v_cache, out, slot_ids, query_start, query_lens, 
              mask=m_mask[:, None] & d_mask[None, :])
 
 
+# ----- extend over a slot read as a plain [keys, dim] matrix (token-major, per-layer) --------------
+@triton.jit
+def _strided_tiles(acc, m_i, l_i, qv, q_pos, k_base, v_base, c_tok, n_start, n_stop, d, scale,
+                   MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_attend_tiles for one slot and KV head whose keys are the rows of a [keys, dim] matrix of row
+    stride c_tok at k_base (values at v_base), offsets in int32. Whole tiles load without masks
+    (MASK 0; 2 masks keys past n_stop and past each row's q_pos); the scale is folded into the
+    exponent (one multiply-add a score) and P @ V accumulates into acc in place. (TMA descriptors
+    for these tiles measured slower on the H100: 353 against 391 TFLOP/s.)"""
+    offs = tl.arange(0, BLOCK_N)
+    for n0 in range(n_start, n_stop, BLOCK_N):
+        n = n0 + offs
+        if MASK == 0:
+            kt = tl.load(k_base + n[:, None] * c_tok + d[None, :])
+        else:
+            kt = tl.load(k_base + n[:, None] * c_tok + d[None, :], mask=(n < n_stop)[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kt))  # [BLOCK_M, BLOCK_N], raw scores
+        if MASK == 2:
+            s = tl.where((n[None, :] <= q_pos[:, None]) & (n < n_stop)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)  # running max, in scaled log2 units
+        p = tl.exp2(s * scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if MASK == 0:
+            vt = tl.load(v_base + n[:, None] * c_tok + d[None, :])
+        else:
+            vt = tl.load(v_base + n[:, None] * c_tok + d[None, :], mask=(n < n_stop)[:, None], other=0.0)
+        acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _extend_strided_kernel(q, k_cache, v_cache, out, slot_ids, query_start, query_lens, context_lens,
+                           q_tok, q_head, o_tok, o_head, c_slot, c_tok, c_head, sm_scale,
+                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """_extend_kernel for caches whose slot is a [positions, kv_heads, dim] block (PAGE 1, no block
+    table), 16-bit, HEAD_DIM a power of two. Query blocks run last-first: the last rows of a
+    sequence see the most keys, and starting them first leaves short ones to fill the tail."""
+    mblock = tl.num_programs(0) - 1 - tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    qlen = tl.load(query_lens + b).to(tl.int32)  # offsets within a slot are int32
+    if mblock * BLOCK_M >= qlen:
+        return
+    ctx = tl.load(context_lens + b).to(tl.int32)
+    prefix = ctx - qlen
+    q0 = tl.load(query_start + b)
+    slot = tl.load(slot_ids + b).to(tl.int64)
+    kv_head = h // GROUP
+
+    m = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    m_mask = m < qlen
+    q_rows = (q0 + m).to(tl.int64)
+    qv = tl.load(q + q_rows[:, None] * q_tok + h * q_head + d[None, :], mask=m_mask[:, None], other=0.0)
+    scale = sm_scale * 1.4426950408889634  # scores in log2 units, for exp2
+    q_pos = prefix + m
+
+    base = slot * c_slot + kv_head * c_head  # this slot's keys of this KV head: row n at base + n * c_tok
+    k_base = k_cache + base
+    v_base = v_cache + base
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    last = tl.minimum(prefix + (mblock + 1) * BLOCK_M, ctx)
+    full = (prefix + mblock * BLOCK_M) // BLOCK_N * BLOCK_N  # keys every row of the block sees
+    acc, m_i, l_i = _strided_tiles(acc, m_i, l_i, qv, q_pos, k_base, v_base, c_tok, 0, full, d, scale, 0, BLOCK_N)
+    acc, m_i, l_i = _strided_tiles(acc, m_i, l_i, qv, q_pos, k_base, v_base, c_tok, full, last, d, scale, 2,
+                                   BLOCK_N)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out + q_rows[:, None] * o_tok + h * o_head + d[None, :], o.to(out.dtype.element_ty),
+             mask=m_mask[:, None])
+
+
+def extend_kernels(q: torch.Tensor, k_cache: torch.Tensor, paged: bool, page: int) -> list:
+    """The extend kernels that can read these caches, best first: "strided" reads a slot as a plain
+    [positions, dim] matrix of one KV head (16-bit, power-of-two head dim, no pages inside a slot,
+    a slot's offsets within int32), "generic" reads any layout."""
+    D = q.shape[-1]
+    plain = not paged and page == 1 and q.element_size() == 2 and D == triton.next_power_of_2(D) and D >= 16
+    return (["strided"] if plain and k_cache.shape[1] * k_cache.stride(1) < 2 ** 31 else []) + ["generic"]
+
+
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
                      query_start: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Tensor,
-                     max_query_len: int, out: torch.Tensor | None = None, block_m: int = 128,
+                     max_query_len: int, out: torch.Tensor | None = None, block_m: int | None = None,
                      block_n: int | None = None, block_table: torch.Tensor | None = None,
-                     num_warps: int | None = None, num_stages: int = 3) -> torch.Tensor:
+                     num_warps: int | None = None, num_stages: int = 3, kernel: str | None = None) -> torch.Tensor:
     """q [tokens, heads, dim] for all sequences back to back -> [tokens, heads, dim]. The new
     tokens' K and V must already be in the caches (store_kv first). Default tiles for 16-bit caches:
     128 queries x 128 keys with 8 warps where a query is that long, else 64 keys with 4 warps (the
     best of the H100 sweep, `benchmarks/kernels.py --sweep`: 128 x 64 ran 10% slower, 64 x 128 a
-    third slower); float32 keeps 64-key tiles."""
+    third slower); float32 keeps 64-key tiles.
+    kernel: "strided" or "generic" (the first of extend_kernels when None; the benchmarks and tests
+    name one). The strided kernel's default tiles are 64 queries x 64 keys with 4 warps: in two H100
+    sweeps (`benchmarks/kernels.py`) as fast as 128 x 64 with 8 warps or faster (396 / 390 against
+    388 / 361 TFLOP/s, contiguous / token-major), and a short prompt pads less."""
     check_cache(k_cache, v_cache)
     bt, bt_row, paged, page, c_slot, c_block, c_pos, c_head = _geometry(block_table, k_cache)
     T, H, D = q.shape
@@ -314,10 +406,22 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q) if out is None else out
     if T == 0:
         return out
-    block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
+    usable = extend_kernels(q, k_cache, paged, page)
+    kernel = kernel or usable[0]
+    if kernel not in usable:
+        raise ValueError(f"the {kernel!r} extend kernel cannot read caches {tuple(k_cache.shape)} {k_cache.dtype} "
+                         f"strides {k_cache.stride()} (usable here: {usable})")
+    block_m = min(block_m or (64 if kernel == "strided" else 128), max(16, triton.next_power_of_2(max_query_len)))
+    grid = (triton.cdiv(max_query_len, block_m), B, H)
+    if kernel == "strided":
+        _extend_strided_kernel[grid](
+            q, k_cache, v_cache, out, slot_ids, query_start, query_lens, context_lens, q.stride(0), q.stride(1),
+            out.stride(0), out.stride(1), c_slot, c_block, c_head, D ** -0.5, GROUP=H // KVH, HEAD_DIM=D,
+            BLOCK_M=block_m, BLOCK_N=block_n or 64, num_warps=num_warps or (8 if block_m >= 128 else 4),
+            num_stages=num_stages)
+        return out
     if block_n is None:  # 128 x 128 float32 tiles over 3 stages need 384 KiB of shared memory (H100: 227)
         block_n = 128 if block_m >= 128 and q.element_size() <= 2 else 64
-    grid = (triton.cdiv(max_query_len, block_m), B, H)
     _extend_kernel[grid](
         q, k_cache, v_cache, out, slot_ids, query_start, query_lens, context_lens, bt, bt_row, q.stride(0),
         q.stride(1), out.stride(0), out.stride(1), c_slot, c_block, c_pos, c_head,
