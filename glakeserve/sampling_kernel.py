@@ -1,8 +1,14 @@
-"""The sampling pass as one Triton kernel: a program per row walks the vocabulary once, hashing
-(row key, token id) into Gumbel noise in registers and keeping the running argmax. The same function
-as sampling.gumbel_argmax_torch (32-bit arithmetic here, int64 masked to 32 bits there)."""
+"""The sampling pass in Triton: programs walk the vocabulary once, hashing (row key, token id) into
+Gumbel noise in registers and keeping the running argmax. The same function as
+sampling.gumbel_argmax_torch (32-bit arithmetic here, int64 masked to 32 bits there).
+
+A small batch splits each row's vocabulary over several programs (one program walking 128K logits
+alone took 78 us of a 6.3 ms batch-1 step, benchmarks/batch1_profile.py); a second kernel then picks
+each row's best of the splits' winners."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -20,8 +26,10 @@ def _mix32(x):
 
 
 @triton.jit
-def _gumbel_argmax_kernel(logits, l_row, temps, seeds, steps, out, V, BLOCK: tl.constexpr):
+def _gumbel_argmax_kernel(logits, l_row, temps, seeds, steps, out, part_val, part_idx, V, CHUNK,
+                          BLOCK: tl.constexpr, SPLITS: tl.constexpr):
     r = tl.program_id(0)
+    split = tl.program_id(1)  # this program's share of the row: [split * CHUNK, + CHUNK)
     temp = tl.load(temps + r)
     seed = tl.load(seeds + r)
     step = tl.load(steps + r)
@@ -33,9 +41,11 @@ def _gumbel_argmax_kernel(logits, l_row, temps, seeds, steps, out, V, BLOCK: tl.
     inv_temp = 1.0 / tl.where(greedy, 1.0, temp)
     best = tl.full((), float("-inf"), tl.float32)
     best_i = tl.full((), 0, tl.int64)
-    for v0 in range(0, V, BLOCK):
+    start = split * CHUNK
+    stop = tl.minimum(start + CHUNK, V)
+    for v0 in range(start, stop, BLOCK):
         v = v0 + tl.arange(0, BLOCK)
-        mask = v < V
+        mask = v < stop
         x = tl.load(logits + r.to(tl.int64) * l_row + v, mask=mask, other=float("-inf")).to(tl.float32)
         bits = _mix32(key + v.to(tl.uint32) * golden)
         u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # strictly inside (0, 1): sampling.bits_to_uniform
@@ -47,19 +57,57 @@ def _gumbel_argmax_kernel(logits, l_row, temps, seeds, steps, out, V, BLOCK: tl.
         better = m > best  # strictly: the earliest maximum wins, as torch.argmax
         best_i = tl.where(better, v0 + i, best_i)
         best = tl.where(better, m, best)
-    tl.store(out + r, best_i)
+    if SPLITS == 1:
+        tl.store(out + r, best_i)
+    else:
+        tl.store(part_val + r * SPLITS + split, best)
+        tl.store(part_idx + r * SPLITS + split, best_i)
+
+
+@triton.jit
+def _pick_best_split_kernel(part_val, part_idx, out, SPLITS: tl.constexpr):
+    r = tl.program_id(0)
+    s = tl.arange(0, SPLITS)
+    # the first split holding the row's maximum: splits are in vocabulary order, so the earliest token
+    i = tl.argmax(tl.load(part_val + r * SPLITS + s), axis=0, tie_break_left=True)
+    tl.store(out + r, tl.load(part_idx + r * SPLITS + i))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def vocab_splits(batch: int, vocab: int, sms: int, block: int) -> int:
+    """A power of two (one compiled variant each) giving about two programs an SM, no split under a
+    block."""
+    want = max(1, -(-2 * sms // max(1, batch)))
+    most = max(1, -(-vocab // block))
+    return min(triton.next_power_of_2(want), triton.next_power_of_2(most) // 2 or 1, 64)
 
 
 def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
-                  block: int = 4096) -> torch.Tensor:
-    """logits [batch, vocab] (float32, last dim contiguous) -> token ids [batch] int64."""
+                  block: int = 4096, splits: int | None = None) -> torch.Tensor:
+    """logits [batch, vocab] (float32, last dim contiguous) -> token ids [batch] int64. splits: programs
+    a row (a power of two; vocab_splits' choice when None)."""
     B, V = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("logits need a contiguous last dim")
     if temps.shape != (B,) or seeds.shape != (B,) or steps.shape != (B,):
         raise ValueError(f"temps, seeds and steps must be [{B}]")
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
-    if B:
-        _gumbel_argmax_kernel[(B,)](logits, logits.stride(0), temps, seeds, steps, out, V,
-                                    BLOCK=min(block, triton.next_power_of_2(V)), num_warps=8)
+    if not B:
+        return out
+    block = min(block, triton.next_power_of_2(V))
+    splits = splits or vocab_splits(B, V, _sm_count(logits.device), block)
+    if splits & (splits - 1):
+        raise ValueError(f"splits must be a power of two, got {splits}")
+    chunk = -(-V // splits)
+    part_val = torch.empty(B, splits, dtype=torch.float32, device=logits.device)
+    part_idx = torch.empty(B, splits, dtype=torch.int64, device=logits.device)
+    _gumbel_argmax_kernel[(B, splits)](logits, logits.stride(0), temps, seeds, steps, out, part_val, part_idx, V,
+                                       chunk, BLOCK=min(block, triton.next_power_of_2(chunk)), SPLITS=splits,
+                                       num_warps=8)
+    if splits > 1:
+        _pick_best_split_kernel[(B,)](part_val, part_idx, out, SPLITS=splits)
     return out

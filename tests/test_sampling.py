@@ -111,10 +111,12 @@ def test_a_row_samples_the_same_token_whatever_its_batch():
         assert sample(logits[i:i + 1], alone).tolist() == [together[i]]
 
 
-def test_the_triton_pass_equals_its_torch_twin():
+@pytest.mark.parametrize("splits", [1, 4, 8, None])
+def test_the_triton_pass_equals_its_torch_twin(splits):
     """The kernel (Triton's interpreter on a CPU, the real thing on a GPU) against the torch version
     of the same function, on fresh random rows: greedy and sampled, a vocabulary not a multiple of
-    the tile."""
+    the tile, each row in one program or split over several (a greedy row's tie across two splits
+    goes to the earlier token, as torch.argmax)."""
     from glakeserve.sampling import gumbel_argmax_torch
     from glakeserve.sampling_kernel import gumbel_argmax
 
@@ -125,8 +127,12 @@ def test_the_triton_pass_equals_its_torch_twin():
     temps = torch.tensor([0.0, 1.0, 0.7, 2.0, 1.0, 0.0, 0.3, 1.1])
     seeds = torch.tensor([random.getrandbits(62) for _ in range(B)])
     steps = torch.tensor([random.randrange(100_000) for _ in range(B)])
+    tie = random.sample(range(V), 2)
+    logits[0, tie] = 50.0
     want = gumbel_argmax_torch(logits, temps, seeds, steps)
-    got = gumbel_argmax(logits.to(dev), temps.to(dev), seeds.to(dev), steps.to(dev), block=256).cpu()
+    got = gumbel_argmax(logits.to(dev), temps.to(dev), seeds.to(dev), steps.to(dev), block=64,
+                        splits=splits).cpu()
+    assert int(got[0]) == min(tie)
     assert torch.equal(got, want)
     assert torch.equal(want[temps == 0], logits[temps == 0].argmax(-1))
 
