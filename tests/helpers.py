@@ -50,18 +50,18 @@ class DirectRunner:
     request admitted into a slot of the cache."""
 
     def __init__(self, path: Path, layout: str, max_len: int = 256, slots: int = 4, backend: str = "torch",
-                 device: str = "cpu"):
+                 device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.cfg = config_from_hf(path / "config.json")
         self.device = dev = torch.device(device)
-        self.model = load_hf_weights(path, self.cfg, torch.float32, dev, max_len)
+        self.model = load_hf_weights(path, self.cfg, dtype, dev, max_len)
         if dev.type == "cuda":
             self.pool = PagePool(64, backend="cuda")
         else:
             self.pool = PagePool(256, page_size=16384, backend="host")
         if layout == "paged":
-            self.kv = PagedKVCache(self.cfg, torch.float32, dev, max_len, slots, memory_bytes=4 << 20)
+            self.kv = PagedKVCache(self.cfg, dtype, dev, max_len, slots, memory_bytes=4 << 20)
         else:
-            self.kv = VTensorKVCache(self.pool, self.cfg, torch.float32, max_len, slots, layout=layout,
+            self.kv = VTensorKVCache(self.pool, self.cfg, dtype, max_len, slots, layout=layout,
                                      prefix_caching=False)
         self.attn = make_backend(backend, dev, self.cfg.num_kv_heads)
         self.requests: dict[int, Request] = {}

@@ -43,6 +43,27 @@ def test_logits_match_hf_on_gpu(tiny, layout):
         runner.close()
 
 
+@pytest.mark.parametrize("layout", ["token-major", "per-layer", "paged"])
+def test_bfloat16_logits_near_hf(tiny, layout):
+    """The 16-bit paths, against HF in float32: the strided extend kernel (token-major, per-layer) and
+    one-token steps through the GEMV kernel (model/gemv.py)."""
+    path, hf = tiny
+    runner = DirectRunner(path, layout, max_len=512, backend="triton", device="cuda", dtype=torch.bfloat16)
+    try:
+        seq = torch.randint(3, SHAPE["vocab"], (200,)).tolist()
+        with torch.no_grad():
+            ref = hf(torch.tensor([seq], device="cuda")).logits[0]
+        tol = dict(atol=0.05 * float(ref.abs().max()), rtol=0.05)  # bfloat16 through 4 layers
+        done: dict[int, int] = {}
+        out = runner.run([(1, seq[:150])], done)  # prefill
+        torch.testing.assert_close(out[0].float(), ref[:150], **tol)
+        for n in range(150, 154):  # one token a step: one-row products
+            out = runner.run([(1, seq[n:n + 1])], done)
+            torch.testing.assert_close(out[0].float(), ref[n:n + 1], **tol)
+    finally:
+        runner.close()
+
+
 def generate(path, layout, prompts, max_new, **kw):
     engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", kv_layout=layout, max_model_len=512,
                                     max_num_seqs=8, kv_cache_memory=1 << 30, check_integrity=True, **kw))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from glakeserve.model import fused_ops
 from glakeserve.model.config import ModelConfig
+from glakeserve.model.gemv import gemv
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -60,20 +61,28 @@ class RotaryEmbedding:
         return self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
 
 
+ONE_ROW_GEMV = True  # one-token products on the GPU take model/gemv.py (benchmarks/gemv.py)
+
+
 class Linear:
     """A weight [out, in] applied as x @ W^T. On the CPU a wide matrix (out > in) also keeps a
     transposed copy [in, out] for one-token steps: MKL streams that layout about 2x faster at
-    batch 1 (benchmarks/RESULTS.md), while [out, in] is faster from a few rows on."""
+    batch 1 (benchmarks/RESULTS.md), while [out, in] is faster from a few rows on. On the GPU a
+    one-token product of a 16-bit weight takes our GEMV kernel (gemv.py) instead of cuBLAS."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         wide = weight.device.type == "cpu" and weight.shape[0] > weight.shape[1]
         self.weight_t = weight.t().contiguous() if wide else None
+        self.one_row_gemv = weight.is_cuda and weight.element_size() == 2 and weight.stride(-1) == 1
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x [n, in] -> [n, out], into `out` [n, out] when given."""
-        if self.weight_t is not None and x.shape[0] == 1:
-            return x @ self.weight_t if out is None else torch.mm(x, self.weight_t, out=out)
+        if x.shape[0] == 1:
+            if self.one_row_gemv and ONE_ROW_GEMV and x.stride(-1) == 1:
+                return gemv(x, self.weight, out=out)
+            if self.weight_t is not None:
+                return x @ self.weight_t if out is None else torch.mm(x, self.weight_t, out=out)
         return F.linear(x, self.weight) if out is None else torch.mm(x, self.weight.t(), out=out)
 
 
