@@ -477,6 +477,7 @@ class LLMEngine:
                 self.runner.read(step)
         finally:
             try:
+                self.runner.close()
                 self.kv.close()
             finally:
                 if self.tp is not None:

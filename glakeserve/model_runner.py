@@ -172,9 +172,11 @@ class DecodeGraphs:
         return hidden[:b]
 
     def release(self) -> None:
-        """Destroys the graphs (the collectives they hold keep an NCCL communicator from going)."""
+        """Destroys the graphs (the collectives they hold keep an NCCL communicator from going);
+        a second call finds none."""
         for graph, _ in self.graphs.values():
             graph.reset()
+        self.graphs.clear()
 
 
 class Rerun:
@@ -255,6 +257,14 @@ class ModelRunner:
         if cuda_graph_max_tokens and tp is None and decode_graphs_supported(self.device, attn):
             self.mixed = MixedGraphs(model, kv, attn, cuda_graph_max_tokens, self.last_token)
             self.mixed.capture()
+
+    def close(self) -> None:
+        """Destroys the decode and piecewise graphs: their memory pool goes now, not when garbage
+        collection finds them, and before the KV pool their kernels address."""
+        for graphs in (self.graphs, self.mixed):
+            if graphs is not None:
+                graphs.release()
+        self.graphs = self.mixed = None
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, defer_sampling: bool = False) -> LaunchedStep:
