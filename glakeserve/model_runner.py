@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from glakeserve import sampling_kernel
 from glakeserve.attention.base import AttentionBackend, AttentionMetadata
 from glakeserve.kv import KVCache
 from glakeserve.mixed_graphs import MixedGraphs
@@ -249,6 +250,8 @@ class ModelRunner:
         self.graphs = None
         if self.device.type == "cuda" and kv.block_table is None:
             attn.warm_up(kv.k_cache(0), kv.v_cache(0), model.cfg.num_heads, kv.padding_slot())
+        if self.device.type == "cuda":  # rank 0 samples for all ranks
+            sampling_kernel.warm_up(model.cfg.vocab_size, self.device)
         if cuda_graph_max_batch and decode_graphs_supported(self.device, attn):
             self.graphs = DecodeGraphs(model if tp is None else tp.model.shard, kv, attn, cuda_graph_max_batch,
                                        self.last_token, tp=tp)

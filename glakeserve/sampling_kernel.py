@@ -25,9 +25,9 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit
-def _gumbel_argmax_kernel(logits, l_row, temps, seeds, steps, out, part_val, part_idx, V, CHUNK,
-                          BLOCK: tl.constexpr, SPLITS: tl.constexpr):
+@triton.jit(do_not_specialize=["l_row", "V", "CHUNK", "splits"])  # one variant for all sizes: no compile mid-run
+def _gumbel_argmax_kernel(logits, l_row, temps, seeds, steps, out, part_val, part_idx, V, CHUNK, splits,
+                          BLOCK: tl.constexpr, FINAL: tl.constexpr):
     r = tl.program_id(0)
     split = tl.program_id(1)  # this program's share of the row: [split * CHUNK, + CHUNK)
     temp = tl.load(temps + r)
@@ -57,20 +57,21 @@ def _gumbel_argmax_kernel(logits, l_row, temps, seeds, steps, out, part_val, par
         better = m > best  # strictly: the earliest maximum wins, as torch.argmax
         best_i = tl.where(better, v0 + i, best_i)
         best = tl.where(better, m, best)
-    if SPLITS == 1:
+    if FINAL:  # the row's only split
         tl.store(out + r, best_i)
     else:
-        tl.store(part_val + r * SPLITS + split, best)
-        tl.store(part_idx + r * SPLITS + split, best_i)
+        tl.store(part_val + r * splits + split, best)
+        tl.store(part_idx + r * splits + split, best_i)
 
 
-@triton.jit
-def _pick_best_split_kernel(part_val, part_idx, out, SPLITS: tl.constexpr):
+@triton.jit(do_not_specialize=["splits"])
+def _pick_best_split_kernel(part_val, part_idx, out, splits, MAX_SPLITS: tl.constexpr):
     r = tl.program_id(0)
-    s = tl.arange(0, SPLITS)
+    s = tl.arange(0, MAX_SPLITS)
+    vals = tl.load(part_val + r * splits + s, mask=s < splits, other=float("-inf"))
     # the first split holding the row's maximum: splits are in vocabulary order, so the earliest token
-    i = tl.argmax(tl.load(part_val + r * SPLITS + s), axis=0, tie_break_left=True)
-    tl.store(out + r, tl.load(part_idx + r * SPLITS + i))
+    i = tl.argmax(vals, axis=0, tie_break_left=True)
+    tl.store(out + r, tl.load(part_idx + r * splits + i))
 
 
 @functools.cache
@@ -78,18 +79,20 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+MAX_SPLITS = 64
+
+
 def vocab_splits(batch: int, vocab: int, sms: int, block: int) -> int:
-    """A power of two (one compiled variant each) giving about two programs an SM, no split under a
-    block."""
+    """About two programs an SM, at least a block each, at most MAX_SPLITS."""
     want = max(1, -(-2 * sms // max(1, batch)))
-    most = max(1, -(-vocab // block))
-    return min(triton.next_power_of_2(want), triton.next_power_of_2(most) // 2 or 1, 64)
+    return min(want, -(-vocab // block), MAX_SPLITS)
 
 
 def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
                   block: int = 4096, splits: int | None = None) -> torch.Tensor:
     """logits [batch, vocab] (float32, last dim contiguous) -> token ids [batch] int64. splits: programs
-    a row (a power of two; vocab_splits' choice when None)."""
+    a row (vocab_splits' choice when None). Two compiled variants in all (one split or several):
+    warm_up() compiles both before serving."""
     B, V = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("logits need a contiguous last dim")
@@ -100,14 +103,21 @@ def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor
         return out
     block = min(block, triton.next_power_of_2(V))
     splits = splits or vocab_splits(B, V, _sm_count(logits.device), block)
-    if splits & (splits - 1):
-        raise ValueError(f"splits must be a power of two, got {splits}")
-    chunk = -(-V // splits)
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"splits must be 1 to {MAX_SPLITS}, got {splits}")
+    chunk = -(-(-(-V // block)) // splits) * block  # whole blocks a split; the last splits may get none
     part_val = torch.empty(B, splits, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(B, splits, dtype=torch.int64, device=logits.device)
     _gumbel_argmax_kernel[(B, splits)](logits, logits.stride(0), temps, seeds, steps, out, part_val, part_idx, V,
-                                       chunk, BLOCK=min(block, triton.next_power_of_2(chunk)), SPLITS=splits,
-                                       num_warps=8)
+                                       chunk, splits, BLOCK=block, FINAL=splits == 1, num_warps=8)
     if splits > 1:
-        _pick_best_split_kernel[(B,)](part_val, part_idx, out, SPLITS=splits)
+        _pick_best_split_kernel[(B,)](part_val, part_idx, out, splits, MAX_SPLITS=MAX_SPLITS)
     return out
+
+
+def warm_up(vocab: int, device: torch.device) -> None:
+    """Compiles both variants of the pass for this vocabulary now, not on a user's first steps."""
+    logits = torch.zeros(1, vocab, dtype=torch.float32, device=device)
+    zero = torch.zeros(1, dtype=torch.int64, device=device)
+    for splits in (1, 2):
+        gumbel_argmax(logits, torch.ones(1, device=device), zero, zero, splits=splits)

@@ -111,7 +111,7 @@ def test_a_row_samples_the_same_token_whatever_its_batch():
         assert sample(logits[i:i + 1], alone).tolist() == [together[i]]
 
 
-@pytest.mark.parametrize("splits", [1, 4, 8, None])
+@pytest.mark.parametrize("splits", [1, 3, 8, None])
 def test_the_triton_pass_equals_its_torch_twin(splits):
     """The kernel (Triton's interpreter on a CPU, the real thing on a GPU) against the torch version
     of the same function, on fresh random rows: greedy and sampled, a vocabulary not a multiple of
