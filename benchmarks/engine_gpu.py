@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 
 import torch
@@ -54,6 +55,17 @@ def hf_model(name: str):
     return model
 
 
+def triton_kernels_on_disk() -> int:
+    """Kernels in Triton's on-disk cache: one entry a compiled variant. Entries made while a run
+    serves are compiles on the clock (a variant the engine's warm-up missed)."""
+    try:
+        from triton import knobs
+        where = knobs.cache.dir
+    except (ImportError, AttributeError):  # older Triton
+        where = os.environ.get("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
+    return len(os.listdir(where)) if os.path.isdir(where) else 0
+
+
 def throughput(name: str, reqs: list[BenchRequest], layout: str, max_num_seqs: int | None = None,
                graph_tokens: int | None = None) -> dict:
     """graph_tokens: the engine's cuda_graph_max_tokens (None: its default; 0: no piecewise graphs)."""
@@ -61,10 +73,12 @@ def throughput(name: str, reqs: list[BenchRequest], layout: str, max_num_seqs: i
     llm = make(name, kv_layout=layout, max_model_len=2048, max_num_seqs=max_num_seqs, time_gpu_steps=True,
                cuda_graph_max_tokens=graph_tokens)
     startup = time.perf_counter() - t0  # weights, KV pool, kernel warm-up, graph captures
+    kernels_before = triton_kernels_on_disk()
     res = run_glake(llm, reqs, console)
     out = dict(res.summary())
     stats = llm.engine.stats()
-    out.update(model=name, startup_s=startup, cuda_graph_max_tokens=graph_tokens, layout=stats["kv_layout"], max_num_seqs=stats["max_num_seqs"], pool_pages=stats["kv_pages"]["total"],
+    out.update(model=name, startup_s=startup, cuda_graph_max_tokens=graph_tokens,
+               compiled_while_serving=triton_kernels_on_disk() - kernels_before, layout=stats["kv_layout"], max_num_seqs=stats["max_num_seqs"], pool_pages=stats["kv_pages"]["total"],
                page_bytes=stats["pool"]["page_size"], tokens_per_page=stats["tokens_per_page"],
                phase_seconds=stats["phase_seconds"], device_timeline=stats["device_timeline"],
                engine_driver_calls=stats["engine_driver_calls"], async_jobs=stats["pool"]["async_jobs"],
@@ -159,7 +173,8 @@ def main() -> None:
         phases = " ".join(f"{k} {v:.2f}" for k, v in r["phase_seconds"].items())
         print(f"{name} {layout} seqs={r['max_num_seqs']} graph_tokens={graph_tokens}: {r['requests_per_s']:.2f} req/s, "
               f"{r['total_tokens_per_s']:.0f} total tok/s, {r['output_tokens_per_s']:.0f} output tok/s, elapsed "
-              f"{r['elapsed']:.1f} s (start-up {r['startup_s']:.1f} s), peak batch {r['peak_batch']}, preemptions {r['preemptions']}, waits "
+              f"{r['elapsed']:.1f} s (start-up {r['startup_s']:.1f} s, then {r['compiled_while_serving']} Triton "
+              f"compiles while serving), peak batch {r['peak_batch']}, preemptions {r['preemptions']}, waits "
               f"{r['mapping_waits']}, engine driver calls {r['engine_driver_calls']}, pages/page size "
               f"{r['pages_mapped']}/{r['page_bytes'] >> 20} MiB, steps {r['step_paths']}\n"
               f"    main thread s: {phases}\n    device: busy {tl['busy_s']:.2f} s, idle {tl['idle_s']:.2f} s "
