@@ -76,9 +76,11 @@ class AttentionBackend(ABC):
 
     supports_cuda_graphs = False
 
-    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, padding_slot: int) -> None:
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, padding_slot: int,
+                block_table: torch.Tensor | None = None) -> None:
         """Compiles, before serving, the kernel variants that the batches' shapes select (backends
-        that compile: Triton), working only on the padding slot's first token."""
+        that compile: Triton), working only on the padding slot's first token (through block_table
+        on the paged baseline)."""
 
     @abstractmethod
     def store_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -25,11 +25,13 @@ class TritonBackend(AttentionBackend):
         want = max(1, min(16, -(-2 * self.sms // max(1, batch * self.kv_heads))))
         return 1 << (want - 1).bit_length()
 
-    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, padding_slot: int) -> None:
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, padding_slot: int,
+                block_table: torch.Tensor | None = None) -> None:
         """The extend kernel's tile height follows a step's longest query (16 to 128 rows), and Triton
         specializes pointers on 16-byte alignment: a mixed step passes its metadata from the first
         non-decode row on, 8-byte aligned after an odd number of decode rows. Compile each variant
-        now, on one query over the padding slot's first token, not on a user's request."""
+        now, on one query over the padding slot's first token (the paged baseline's padding row),
+        not on a user's request."""
         dev = k_cache.device
         q = torch.zeros(1, heads, k_cache.shape[-1], dtype=k_cache.dtype, device=dev)
         i64 = dict(dtype=torch.int64, device=dev)
@@ -38,7 +40,7 @@ class TritonBackend(AttentionBackend):
             one = torch.ones(1 + skip, **i64)[skip:]
             starts = torch.tensor([0] * skip + [0, 1], **i64)[skip:]
             for longest in (16, 32, 64, 128):
-                ops.extend_attention(q, k_cache, v_cache, slot, starts, one, one, longest)
+                ops.extend_attention(q, k_cache, v_cache, slot, starts, one, one, longest, block_table=block_table)
 
     def store_kv(self, k_cache, v_cache, k, v, meta: AttentionMetadata) -> None:
         ops.store_kv(k, v, k_cache, v_cache, meta.token_slots, meta.positions, block_table=meta.block_table)

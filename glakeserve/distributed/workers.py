@@ -452,8 +452,9 @@ class RankWorker:
         self.kv = make_kv_cache(args.pop("layout"), args.pop("cfg"), args.pop("dtype"), self.device, **args)
         self.attn = make_backend(self.spec.attention_backend, self.device, self.kv.cfg.num_kv_heads)
         self.replayer = Replayer(self.kv.pool, self.kv.vtensors)
-        if self.device.type == "cuda" and self.kv.block_table is None:  # as rank 0's runner: compile now
-            self.attn.warm_up(self.kv.k_cache(0), self.kv.v_cache(0), self.model.cfg.num_heads, self.kv.padding_slot())
+        if self.device.type == "cuda":  # as rank 0's runner: compile now
+            self.attn.warm_up(self.kv.k_cache(0), self.kv.v_cache(0), self.model.cfg.num_heads, self.kv.padding_slot(),
+                              self.kv.block_table)
 
     def _take_staging(self):
         turn, self._turn = self._turn, self._turn ^ 1
