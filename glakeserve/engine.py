@@ -477,8 +477,10 @@ class LLMEngine:
                 self.runner.read(step)
         finally:
             try:
-                self.runner.close()
-                self.kv.close()
+                try:
+                    self.runner.close()
+                finally:
+                    self.kv.close()
             finally:
                 if self.tp is not None:
                     self.tp.close()

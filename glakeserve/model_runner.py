@@ -248,9 +248,8 @@ class ModelRunner:
         self.last_token = torch.zeros(kv.num_slots, dtype=torch.int64, device=self.device)  # per slot
         self.penalties: PenaltyCounts | None = None  # made when a request first uses penalties
         self.graphs = None
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # compile what serving selects now (rank 0 samples for all ranks)
             attn.warm_up(kv.k_cache(0), kv.v_cache(0), model.cfg.num_heads, kv.padding_slot(), kv.block_table)
-        if self.device.type == "cuda":  # rank 0 samples for all ranks
             sampling_kernel.warm_up(model.cfg.vocab_size, self.device)
         if cuda_graph_max_batch and decode_graphs_supported(self.device, attn):
             self.graphs = DecodeGraphs(model if tp is None else tp.model.shard, kv, attn, cuda_graph_max_batch,

@@ -105,7 +105,7 @@ def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor
     splits = splits or vocab_splits(B, V, _sm_count(logits.device), block)
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"splits must be 1 to {MAX_SPLITS}, got {splits}")
-    chunk = -(-(-(-V // block)) // splits) * block  # whole blocks a split; the last splits may get none
+    chunk = triton.cdiv(triton.cdiv(V, block), splits) * block  # whole blocks a split; the last may get none
     part_val = torch.empty(B, splits, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(B, splits, dtype=torch.int64, device=logits.device)
     _gumbel_argmax_kernel[(B, splits)](logits, logits.stride(0), temps, seeds, steps, out, part_val, part_idx, V,
