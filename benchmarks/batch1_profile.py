@@ -2,7 +2,9 @@
 request's decode (llama-3-8b random bf16 weights, as engine_gpu.py's latency part), kernels grouped
 by kind, the device's busy time against the wall time per token, and the gaps between kernels.
 
-    python benchmarks/batch1_profile.py [--tokens 64] [--json out.json]
+    python benchmarks/batch1_profile.py [--tokens 64] [--json out.json] [--cublas]
+
+--cublas runs the baseline: one-token products through cuBLAS instead of our GEMV (model/gemv.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from glakeserve.llm import LLM
+from glakeserve.model import llama
 from glakeserve.sampling import SamplingParams
 from report import close_llm, save_json
 
@@ -56,7 +59,9 @@ def main() -> None:
     ap.add_argument("--model", default="llama-3-8b")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--json")
+    ap.add_argument("--cublas", action="store_true", help="the baseline: one-token products through cuBLAS")
     args = ap.parse_args()
+    llama.ONE_ROW_GEMV = not args.cublas
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=1,
               kv_cache_memory=4 << 30)
     prompt = list(range(100, 132))
@@ -83,13 +88,14 @@ def main() -> None:
         per_name[e.name][1] += us
     busy, span = busy_and_span(intervals)
     n = args.tokens
-    result = {"device": torch.cuda.get_device_name(), "tokens": n, "tok_s_unprofiled": n / unprofiled,
+    result = {"device": torch.cuda.get_device_name(), "one_row_products": "cublas" if args.cublas else "gemv",
+              "tokens": n, "tok_s_unprofiled": n / unprofiled,
               "busy_us_per_token": busy / n, "span_us_per_token": span / n,
               "kinds": {k: {"kernels_per_token": c / n, "us_per_token": t / n} for k, (c, t) in per_kind.items()},
               "top": [{"name": k[:120], "count": c, "us_per_token": t / n}
                       for k, (c, t) in sorted(per_name.items(), key=lambda kv: -kv[1][1])[:20]]}
-    print(f"{result['device']}: {n / unprofiled:.1f} tok/s unprofiled; profiled: device busy "
-          f"{busy / n:.0f} us a token over a span of {span / n:.0f} us ({100 * (1 - busy / span):.1f}% gaps)")
+    print(f"{result['device']}, {result['one_row_products']}: {n / unprofiled:.1f} tok/s unprofiled; profiled: "
+          f"device busy {busy / n:.0f} us a token over a span of {span / n:.0f} us ({100 * (1 - busy / span):.1f}% gaps)")
     for k, v in sorted(result["kinds"].items(), key=lambda kv: -kv[1]["us_per_token"]):
         print(f"  {k:10s} {v['us_per_token']:8.1f} us a token, {v['kernels_per_token']:6.1f} kernels")
     for row in result["top"]:

@@ -78,7 +78,8 @@ def throughput(name: str, reqs: list[BenchRequest], layout: str, max_num_seqs: i
     out = dict(res.summary())
     stats = llm.engine.stats()
     out.update(model=name, startup_s=startup, cuda_graph_max_tokens=graph_tokens,
-               compiled_while_serving=triton_kernels_on_disk() - kernels_before, layout=stats["kv_layout"], max_num_seqs=stats["max_num_seqs"], pool_pages=stats["kv_pages"]["total"],
+               compiled_while_serving=triton_kernels_on_disk() - kernels_before, layout=stats["kv_layout"],
+               max_num_seqs=stats["max_num_seqs"], pool_pages=stats["kv_pages"]["total"],
                page_bytes=stats["pool"]["page_size"], tokens_per_page=stats["tokens_per_page"],
                phase_seconds=stats["phase_seconds"], device_timeline=stats["device_timeline"],
                engine_driver_calls=stats["engine_driver_calls"], async_jobs=stats["pool"]["async_jobs"],

@@ -61,7 +61,7 @@ class RotaryEmbedding:
         return self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
 
 
-ONE_ROW_GEMV = True  # one-token products on the GPU take model/gemv.py (benchmarks/gemv.py)
+ONE_ROW_GEMV = True  # one-token products on the GPU take model/gemv.py; False: cuBLAS (a benchmark's baseline)
 
 
 class Linear:
