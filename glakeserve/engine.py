@@ -415,6 +415,7 @@ class LLMEngine:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "kv_layout": kv.layout,
+            "attention": {"backend": self.attn.name, **self.attn.stats()},
             "tokens_per_page": kv.tokens_per_block,
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.max_num_seqs,

