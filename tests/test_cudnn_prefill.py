@@ -97,4 +97,4 @@ def test_graphs_are_built_at_warm_up_and_reused():
     slots = list(range(16))  # 16 rows: a bucket left to first use
     check_step(backend, caches, heads, slots, [20] * 16, [40] * 16)
     assert len(p.graphs) == built + 1 and p.built_while_serving == 1
-    assert backend.stats() == {"cudnn_graphs": built + 1, "cudnn_graphs_built_while_serving": 1}
+    assert backend.stats() == {"cudnn_steps": 5, "cudnn_graphs": built + 1, "cudnn_graphs_built_while_serving": 1}

@@ -69,6 +69,7 @@ class CudnnPrefill:
         self.workspace = torch.empty(1, dtype=torch.uint8, device=device)
         self.warmed = False
         self.built_while_serving = 0
+        self.steps = 0  # steps whose extend rows took cuDNN
 
     def wanted(self, q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
         return meta.max_extend_query_len >= self.min_query and fits(q, k_cache, meta.block_table)
@@ -151,6 +152,7 @@ class CudnnPrefill:
             kv_off = torch.zeros_like(starts)
             kv_off[:real, 0, 0, 0] = meta.slot_ids[n:] * c_slot
             cols = meta.scratch[key] = (q_lens, kv_lens, starts * q_tok, starts * o_tok, kv_off)
+            self.steps += 1
         return cols
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,

@@ -27,8 +27,8 @@ class TritonBackend(AttentionBackend):
         if self.prefill is None:
             return {}
         # graphs built after start-up: each paused the engine thread for about 0.1 s
-        return {"cudnn_graphs": len(self.prefill.graphs), "cudnn_graphs_built_while_serving":
-                self.prefill.built_while_serving}
+        return {"cudnn_steps": self.prefill.steps, "cudnn_graphs": len(self.prefill.graphs),
+                "cudnn_graphs_built_while_serving": self.prefill.built_while_serving}
 
     def decode_splits(self, batch: int, max_context: int) -> int:
         # about two waves of programs over the GPU, whatever the context (a graph cannot know it);
