@@ -269,7 +269,7 @@ def bench(
         "input_len": input_len if dataset == "random" else None, "output_len": output_len,
         "prompt_lens": B.length_summary([r.prompt_len for r in reqs]),
         "output_lens": B.length_summary([r.output_len for r in reqs]),
-        "backend": backend, "device": stats["device"], "kv_layout": kv_layout}
+        "backend": backend, "device": stats["device"], "kv_layout": kv_layout, "attention": stats["attention"]}
     try:
         if output_json:
             B.write_json(str(output_json), res, config)
