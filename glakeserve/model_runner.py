@@ -262,11 +262,15 @@ class ModelRunner:
 
     def close(self) -> None:
         """Destroys the decode and piecewise graphs: their memory pool goes now, not when garbage
-        collection finds them, and before the KV pool their kernels address."""
-        for graphs in (self.graphs, self.mixed):
-            if graphs is not None:
-                graphs.release()
-        self.graphs = self.mixed = None
+        collection finds them, and before the KV pool their kernels address; then closes the
+        attention backend (cuDNN's handle)."""
+        try:
+            for graphs in (self.graphs, self.mixed):
+                if graphs is not None:
+                    graphs.release()
+            self.graphs = self.mixed = None
+        finally:
+            self.attn.close()
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, defer_sampling: bool = False) -> LaunchedStep:

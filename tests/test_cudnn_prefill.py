@@ -98,3 +98,7 @@ def test_graphs_are_built_at_warm_up_and_reused():
     check_step(backend, caches, heads, slots, [20] * 16, [40] * 16)
     assert len(p.graphs) == built + 1 and p.built_while_serving == 1
     assert backend.stats() == {"cudnn_steps": 5, "cudnn_graphs": built + 1, "cudnn_graphs_built_while_serving": 1}
+    backend.close()
+    backend.close()  # twice is fine
+    with pytest.raises(RuntimeError, match="closed"):
+        check_step(backend, caches, heads, [0], [20], [40])

@@ -81,6 +81,9 @@ class AttentionBackend(ABC):
         """The backend's own counters, for the engine's stats()."""
         return {}
 
+    def close(self) -> None:
+        """Gives back what the backend holds outside torch's allocator (a library handle)."""
+
     def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, padding_slot: int,
                 block_table: torch.Tensor | None = None) -> None:
         """Compiles, before serving, the kernel variants that the batches' shapes select (backends

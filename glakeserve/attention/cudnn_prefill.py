@@ -46,7 +46,7 @@ def fits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor | Non
             and k_cache.dtype == q.dtype and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
             and q.shape[1] % k_cache.shape[2] == 0
             and all(s % 8 == 0 for s in (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q.stride(0)))
-            and q.stride(-1) == 1 and k_cache.stride(-1) == 1)
+            and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and (q.data_ptr() | k_cache.data_ptr()) % 16 == 0)
 
 
 class CudnnPrefill:
@@ -70,6 +70,13 @@ class CudnnPrefill:
         self.warmed = False
         self.built_while_serving = 0
         self.steps = 0  # steps whose extend rows took cuDNN
+
+    def close(self) -> None:
+        """Drops the graphs and destroys the handle (idempotent); the backend must not run after."""
+        self.graphs.clear()
+        if self.handle is not None:
+            self.cudnn.destroy_handle(self.handle)
+            self.handle = None
 
     def wanted(self, q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
         return meta.max_extend_query_len >= self.min_query and fits(q, k_cache, meta.block_table)
@@ -158,9 +165,12 @@ class CudnnPrefill:
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                n: int, out: torch.Tensor) -> None:
         """Attention of the extend rows (after n leading decodes) into their tokens of `out`."""
-        if out.stride(-1) != 1 or out.stride(0) % 8 or k_cache.stride() != v_cache.stride():
-            raise ValueError(f"cuDNN prefill needs a packed output and K, V caches with equal strides; got out "
-                             f"{out.stride()}, K {k_cache.stride()}, V {v_cache.stride()}")
+        if self.handle is None:
+            raise RuntimeError("this cuDNN prefill was closed (its engine was closed)")
+        if (out.stride(-1) != 1 or out.stride(0) % 8 or k_cache.stride() != v_cache.stride()
+                or (out.data_ptr() | v_cache.data_ptr()) % 16):
+            raise ValueError(f"cuDNN prefill needs a packed, 16-byte aligned output and K, V caches with equal "
+                             f"strides; got out {out.stride()}, K {k_cache.stride()}, V {v_cache.stride()}")
         tokens, heads, dim = q.shape
         rows = bucket(meta.query_lens.shape[0] - n)
         q_len = bucket(meta.max_extend_query_len, self.min_query)

@@ -30,6 +30,10 @@ class TritonBackend(AttentionBackend):
         return {"cudnn_steps": self.prefill.steps, "cudnn_graphs": len(self.prefill.graphs),
                 "cudnn_graphs_built_while_serving": self.prefill.built_while_serving}
 
+    def close(self) -> None:
+        if self.prefill is not None:
+            self.prefill.close()
+
     def decode_splits(self, batch: int, max_context: int) -> int:
         # about two waves of programs over the GPU, whatever the context (a graph cannot know it);
         # a power of two, so the few kernel variants are compiled when the decode graphs are captured

@@ -546,6 +546,8 @@ class RankWorker:
     def close(self) -> None:
         if self.graphs is not None:
             self.graphs.release()
+        if self.attn is not None:
+            self.attn.close()
         if self.replayer is not None:
             self.replayer.wait_all()
         if self.kv is not None:
