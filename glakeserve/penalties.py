@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+CHUNK_ELEMENTS = 4 << 20  # logits penalised at once (16 MB a float32 temporary)
+
 
 @dataclass
 class PenaltyRows:
@@ -38,21 +40,28 @@ class PenaltyRows:
                 in_prompt[j, torch.tensor(prompt, device=device)] = True
         return cls(rows, counts, in_prompt)
 
-    def apply(self, logits: torch.Tensor, params: list, to_device) -> None:
+    def apply(self, logits: torch.Tensor, params: list, to_device, chunk_elements: int = CHUNK_ELEMENTS) -> None:
         """In place on logits [batch, vocab]: repetition penalty on every token seen in the prompt or
         the output (divides a positive logit, multiplies a negative one), then minus
-        frequency * count and presence * (count > 0) for the output's tokens (vLLM's definitions)."""
+        frequency * count and presence * (count > 0) for the output's tokens (vLLM's definitions).
+        Rows go in chunks of about chunk_elements logits: the half-dozen [rows, vocab] temporaries
+        stay bounded (all 256 rows of a 128K vocabulary at once would take ~0.8 GB beside the KV
+        pool; a chunk of 32 rows takes ~100 MB)."""
+        n = len(self.rows)
         ps = [params[i] for i in self.rows]
         rep, freq, pres = to_device([p.repetition_penalty for p in ps] + [p.frequency_penalty for p in ps]
-                                    + [p.presence_penalty for p in ps], torch.float32).view(3, len(ps), 1)
+                                    + [p.presence_penalty for p in ps], torch.float32).view(3, n, 1)
         index = to_device(self.rows, torch.int64)
-        x = logits.index_select(0, index)  # float32
-        counts = self.counts.to(x.dtype)
-        in_output = self.counts > 0
-        penalized = torch.where(x > 0, x / rep, x * rep)
-        x = torch.where(in_output | self.in_prompt, penalized, x)
-        x = x - freq * counts - pres * in_output.to(x.dtype)
-        logits.index_copy_(0, index, x)
+        step = max(1, chunk_elements // max(1, logits.shape[1]))
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            x = logits.index_select(0, index[a:b])  # float32
+            counts = self.counts[a:b]
+            in_output = counts > 0
+            penalized = torch.where(x > 0, x / rep[a:b], x * rep[a:b])
+            x = torch.where(in_output | self.in_prompt[a:b], penalized, x)
+            x = x - freq[a:b] * counts.to(x.dtype) - pres[a:b] * in_output.to(x.dtype)
+            logits.index_copy_(0, index[a:b], x)
 
 
 class PenaltyCounts:

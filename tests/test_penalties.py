@@ -35,11 +35,12 @@ def test_penalised_logits_equal_a_per_row_reference():
         rows = [i for i, p in enumerate(params) if p.uses_penalties]
         logits = torch.randn(n, vocab) * 3
         got = logits.clone()
+        chunk = rng.choice([vocab, 2 * vocab + 1, 4 << 20])  # rows one, two or all at a time
         PenaltyRows.from_lists(rows, [outs[i] for i in rows], [prompts[i] for i in rows], vocab).apply(
-            got, params, lambda values, dtype: torch.tensor(values, dtype=dtype))
+            got, params, lambda values, dtype: torch.tensor(values, dtype=dtype), chunk_elements=chunk)
         for i in range(n):
             want = reference_row(logits[i], params[i], outs[i], prompts[i]) if i in rows else logits[i]
-            torch.testing.assert_close(got[i], want, msg=f"seed {seed}, row {i}")
+            torch.testing.assert_close(got[i], want, msg=f"seed {seed}, row {i}, chunk {chunk}")
 
 
 def check_counts(eng, live) -> None:
