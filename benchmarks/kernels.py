@@ -148,6 +148,7 @@ def prefill_point(batch, heads, kv_heads, seq, dim=128, sweep=False, layout="con
         times[("cudnn", None, None, None, None)] = bench(lambda: backend.forward(q, k, v, meta, out=out))
         if backend.prefill.wanted(q, k, meta):
             default = ("cudnn", None, None, None, None)
+        backend.close()  # its cuDNN handle
     if default not in times:  # a bug to fix, but the other figures still tell something
         print(f"  the engine's extend kernel and tiles {default} FAILED at this shape", flush=True)
     ours = times.get(default, float("nan"))

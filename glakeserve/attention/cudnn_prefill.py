@@ -23,6 +23,7 @@ import importlib.util
 import math
 
 import torch
+import triton
 
 from glakeserve.attention.base import AttentionMetadata
 
@@ -36,7 +37,7 @@ def available() -> bool:
 
 def bucket(n: int, least: int = 1) -> int:
     """The power of two at or above max(n, least)."""
-    return 1 << (max(n, least) - 1).bit_length()
+    return triton.next_power_of_2(max(n, least))
 
 
 def fits(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor | None) -> bool:
